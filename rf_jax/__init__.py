@@ -1,0 +1,1 @@
+"""rf_jax: Representation Forcing for unified multimodal models in JAX/Flax."""

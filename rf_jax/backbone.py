@@ -1,0 +1,251 @@
+"""Mixture-of-Transformers (MoT) backbone with a KV cache.
+
+Every token shares the self-attention of each layer (Qwen2 style: RMSNorm,
+grouped-query attention with q/k/v biases, 1-D RoPE). Each token's
+feed-forward expert is fixed by its modality: understanding (text and encoder
+tokens), representation prediction (rep tokens) or pixel generation (pixel
+patches). Routing is static, so an expert runs on its own tokens only: the
+caller names contiguous spans of the row for each expert (`expert_spans`), or,
+for packed rows without a fixed layout, every expert runs on all tokens and
+the result is selected by modality.
+
+The KV cache is an explicit pytree threaded through the calls, so prefill,
+token-by-token decoding and the pixel ODE are pure functions of
+(params, inputs, cache).
+"""
+
+import dataclasses
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from rf_jax import mask as mask_lib
+from rf_jax.layers import Dense, RMSNorm, SwiGLU, apply_rope, constrain, dot_product_attention
+from rf_jax.layers import rope_frequencies
+
+# Static routing: ((start, stop, expert), ...) covering the row in order.
+ExpertSpans = Optional[Sequence[tuple[int, int, int]]]
+
+# Cache modes of `Backbone.__call__`.
+NO_CACHE = "none"
+APPEND = "append"  # Write the new keys and values into the cache, attend over it.
+READ = "read"  # Attend over the cache plus the new tokens, leave the cache as it is.
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of earlier tokens, with what the attention mask needs of them.
+
+    Attributes:
+        keys, values: [depth, batch, size, kv_heads, head_dim], RoPE applied.
+        segment_ids, modality: int32 [batch, size]; unwritten slots have segment 0.
+        length: int32 scalar, the number of slots written (equal for every row).
+        next_position: int32 [batch], the RoPE position of the next text or rep token.
+    """
+
+    keys: jax.Array
+    values: jax.Array
+    segment_ids: jax.Array
+    modality: jax.Array
+    length: jax.Array
+    next_position: jax.Array
+
+    @classmethod
+    def empty(cls, depth, batch, size, kv_heads, head_dim, dtype):
+        shape = (depth, batch, size, kv_heads, head_dim)
+        return cls(
+            keys=jnp.zeros(shape, dtype),
+            values=jnp.zeros(shape, dtype),
+            segment_ids=jnp.zeros((batch, size), jnp.int32),
+            modality=jnp.zeros((batch, size), jnp.int32),
+            length=jnp.zeros((), jnp.int32),
+            next_position=jnp.zeros((batch,), jnp.int32),
+        )
+
+    @property
+    def size(self):
+        return self.keys.shape[2]
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with q/k/v biases and rotary positions."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, layer_cache, mode, write_index):
+        """Attend and return ([batch, seq, embed], (keys, values) to cache or None).
+
+        Args:
+            x: [batch, seq, embed] normalised inputs.
+            cos, sin: [batch, seq, head_dim] rotary tables of the tokens.
+            mask: bool [batch, seq, keys] over the keys this mode attends to.
+            layer_cache: (keys, values) [batch, size, kv_heads, head_dim] or None.
+            mode: NO_CACHE, APPEND or READ.
+            write_index: int32 scalar slot of the first new token (APPEND).
+        """
+        batch, seq, _ = x.shape
+        proj = lambda heads, name, bias=True: Dense(  # noqa: E731
+            heads * self.head_dim, ("embed", "heads" if heads == self.num_heads else "kv_heads"),
+            use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        q = proj(self.num_heads, "q_proj")(x).reshape(batch, seq, self.num_heads, self.head_dim)
+        k = proj(self.num_kv_heads, "k_proj")(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
+        v = proj(self.num_kv_heads, "v_proj")(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
+        k = constrain(k, ("activation_batch", "activation_length", "activation_kv", None))
+
+        new_entry = None
+        if mode == APPEND:
+            cached_k, cached_v = layer_cache
+            k = jax.lax.dynamic_update_slice_in_dim(cached_k, k.astype(cached_k.dtype), write_index, 1)
+            v = jax.lax.dynamic_update_slice_in_dim(cached_v, v.astype(cached_v.dtype), write_index, 1)
+            new_entry = (k, v)
+        elif mode == READ:
+            cached_k, cached_v = layer_cache
+            k = jnp.concatenate([cached_k, k.astype(cached_k.dtype)], axis=1)
+            v = jnp.concatenate([cached_v, v.astype(cached_v.dtype)], axis=1)
+
+        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask,
+                                    self.head_dim ** -0.5)
+        out = out.reshape(batch, seq, self.num_heads * self.head_dim)
+        o_proj = Dense(x.shape[-1], ("heads", "embed"), use_bias=False, dtype=self.dtype,
+                       param_dtype=self.param_dtype, name="o_proj")
+        return o_proj(out), new_entry
+
+
+class Expert(nn.Module):
+    """One modality's FFN: pre-norm and SwiGLU."""
+
+    mlp_dim: int
+    norm_eps: float
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        h = RMSNorm(self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm")(x)
+        return SwiGLU(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(h)
+
+
+def route(x, modality, spans, experts):
+    """Apply experts[e] to the tokens routed to expert e; x is [batch, seq, embed]."""
+    if spans is not None:
+        parts = [experts[expert](x[:, start:stop]) for start, stop, expert in spans]
+        return jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+    expert_ids = jnp.asarray(mask_lib.EXPERT_OF_MODALITY, jnp.int32)[modality]
+    out = jnp.zeros(x.shape, x.dtype)
+    for index, expert in enumerate(experts):
+        out = jnp.where((expert_ids == index)[..., None], expert(x).astype(x.dtype), out)
+    return out
+
+
+class Block(nn.Module):
+    """One MoT layer: shared attention, then the modality's FFN expert."""
+
+    config: "BackboneConfig"
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, modality, spans, layer_cache, mode, write_index):
+        cfg = self.config
+        h = RMSNorm(cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="input_norm")(x)
+        attn_out, new_entry = Attention(
+            cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype, name="attn")(h, cos, sin, mask, layer_cache, mode,
+                                                     write_index)
+        x = x + attn_out
+        experts = [Expert(cfg.mlp_dim, cfg.norm_eps, cfg.dtype, cfg.param_dtype, name=f"expert_{e}")
+                   for e in range(mask_lib.NUM_EXPERTS)]
+        x = x + route(x, modality, spans, experts)
+        x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+        return x, new_entry
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneConfig:
+    """Static shape of the backbone (a hashable mirror of `config.model.backbone`)."""
+
+    width: int
+    depth: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    mlp_dim: int
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+
+class Backbone(nn.Module):
+    """The shared transformer: embedded tokens in, final-normed hidden states out."""
+
+    config: BackboneConfig
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, modality, *, rep_visible=None,
+                 expert_spans: ExpertSpans = None, cache: Optional[KVCache] = None,
+                 mode: str = NO_CACHE):
+        """Run all layers.
+
+        Args:
+            x: [batch, seq, embed] token embeddings.
+            positions: int32 [batch, seq] RoPE positions.
+            segment_ids, modality: int32 [batch, seq] (see `rf_jax.mask`).
+            rep_visible: optional bool [batch] (rep-condition dropout).
+            expert_spans: static routing spans, or None to route by `modality`.
+            cache: the KV cache for APPEND and READ modes.
+            mode: NO_CACHE, APPEND or READ.
+
+        Returns:
+            (hidden [batch, seq, embed], cache): the cache is updated in APPEND
+            mode and returned unchanged otherwise.
+        """
+        cfg = self.config
+        batch, seq, _ = x.shape
+        q_index = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        write_index = None
+        if mode == NO_CACHE:
+            mask = mask_lib.attention_mask(segment_ids, modality, q_index, segment_ids, modality,
+                                           q_index, rep_visible)
+        else:
+            write_index = cache.length
+            q_index = q_index + cache.length
+            cache_index = jnp.broadcast_to(jnp.arange(cache.size, dtype=jnp.int32), (batch, cache.size))
+            if mode == APPEND:
+                k_segment = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, write_index, 1)
+                k_modality = jax.lax.dynamic_update_slice_in_dim(cache.modality, modality, write_index, 1)
+                k_index = cache_index
+            else:
+                k_segment = jnp.concatenate([cache.segment_ids, segment_ids], axis=1)
+                k_modality = jnp.concatenate([cache.modality, modality], axis=1)
+                k_index = jnp.concatenate([cache_index, q_index], axis=1)
+            mask = mask_lib.attention_mask(segment_ids, modality, q_index, k_segment, k_modality,
+                                           k_index, rep_visible)
+
+        cos, sin = rope_frequencies(cfg.head_dim, positions, cfg.rope_theta)
+        new_keys, new_values = [], []
+        for layer in range(cfg.depth):
+            layer_cache = None if mode == NO_CACHE else (cache.keys[layer], cache.values[layer])
+            x, entry = Block(cfg, name=f"layers_{layer}")(
+                x, cos, sin, mask, modality, expert_spans, layer_cache, mode, write_index)
+            if entry is not None:
+                new_keys.append(entry[0])
+                new_values.append(entry[1])
+
+        final_norms = [RMSNorm(cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                               name=f"final_norm_{e}") for e in range(mask_lib.NUM_EXPERTS)]
+        hidden = route(x, modality, expert_spans, final_norms)
+
+        if mode == APPEND:
+            cache = cache.replace(
+                keys=jnp.stack(new_keys), values=jnp.stack(new_values),
+                segment_ids=k_segment, modality=k_modality, length=cache.length + seq)
+        return hidden, cache

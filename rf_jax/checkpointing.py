@@ -1,0 +1,82 @@
+"""Orbax checkpoints of the train state together with the Grain iterator state.
+
+Saves are asynchronous and atomic: Orbax writes each step into a temporary
+directory and renames it when complete, so a run killed during a save
+leaves the previous checkpoint as the latest one. The last `keep` steps are
+kept. Restores go straight into the target shardings.
+"""
+
+import os
+
+from absl import logging
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+STATE = "state"
+DATA = "data"
+
+
+def checkpoint_dir(workdir):
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def create_manager(workdir, keep=3, save_every=None, asynchronous=True):
+    """A CheckpointManager over `workdir/checkpoints` holding the train state and data state."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, save_interval_steps=save_every or 1, create=True,
+        enable_async_checkpointing=asynchronous)
+    return ocp.CheckpointManager(checkpoint_dir(workdir), item_names=(STATE, DATA), options=options)
+
+
+def save(manager, step, state, data_iterator=None, force=False):
+    """Start saving `state` (and the iterator state) at `step`; returns whether a save started."""
+    items = {STATE: ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+        items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+    return manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def restore(manager, abstract_state, data_iterator=None, step=None):
+    """Restore the latest (or given) step into `abstract_state`'s shapes and shardings.
+
+    Returns (step, state), or (None, None) when the directory holds no checkpoint.
+    Raises ValueError listing the mismatched arrays when the checkpoint does not
+    fit the configured model.
+    """
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        return None, None
+    items = {STATE: ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+        items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(**items))
+    except (ValueError, TypeError, KeyError) as error:
+        mismatches = describe_mismatch(manager, step, abstract_state)
+        raise ValueError(
+            f"Checkpoint step {step} under {manager.directory} does not fit this config"
+            f"{': ' + mismatches if mismatches else ''}. Use the config the run was trained "
+            f"with, or a new --workdir. Orbax said: {error}") from error
+    logging.info("Restored checkpoint step %d from %s.", step, manager.directory)
+    return step, restored[STATE]
+
+
+def describe_mismatch(manager, step, abstract_state):
+    """List the arrays whose shapes differ between a checkpoint and the target state."""
+    try:
+        metadata = manager.item_metadata(step)[STATE]
+    except Exception as error:  # Metadata is best effort; the caller still raises.  # noqa: BLE001
+        logging.warning("Could not read checkpoint metadata: %s", error)
+        return ""
+    saved = {jax.tree_util.keystr(path): tuple(leaf.shape)
+             for path, leaf in jax.tree_util.tree_flatten_with_path(metadata)[0]
+             if hasattr(leaf, "shape")}
+    wanted = {jax.tree_util.keystr(path): tuple(leaf.shape)
+              for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+    lines = []
+    for name in sorted(set(saved) | set(wanted)):
+        if saved.get(name) != wanted.get(name):
+            lines.append(f"{name}: checkpoint {saved.get(name, 'missing')}, "
+                         f"config {wanted.get(name, 'missing')}")
+    return "; ".join(lines[:20]) + (f"; and {len(lines) - 20} more" if len(lines) > 20 else "")

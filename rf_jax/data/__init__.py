@@ -1,0 +1,1 @@
+"""Loaders that build the data sets rf_jax trains on, and Grain pipelines over them."""

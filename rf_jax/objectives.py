@@ -1,0 +1,103 @@
+"""Training objectives: text and rep cross-entropy, flow matching, CFG dropout.
+
+Total loss: L = w_text * L_text + w_rep * L_rep + w_fm * L_fm.
+- L_text: next-token cross-entropy on target text (answers and captions of
+  understanding rows, marked by the loss mask), averaged over target tokens.
+- L_rep: next-token cross-entropy on the rep tokens, teacher-forced with the
+  EMA encoder's tokens.
+- L_fm: the velocity loss of `rf_jax.flow` (t = 1 is clean).
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rf_jax import flow
+from rf_jax.encoder import patchify
+from rf_jax.model import RFModel
+from rf_jax.sampler import empty_prompt
+
+
+def cfg_dropout(rng, text_ids, text_rate, rep_rate):
+    """Drop the text and rep conditions of generation rows, independently.
+
+    A dropped text condition becomes the empty prompt `[PAD ... BOS]`; a
+    dropped rep condition hides the rep tokens from that row's pixel patches.
+
+    Returns:
+        (text_ids [batch, text_len], rep_visible bool [batch], text_dropped bool [batch]).
+    """
+    batch, text_len = text_ids.shape
+    text_key, rep_key = jax.random.split(rng)
+    text_dropped = jax.random.bernoulli(text_key, text_rate, (batch,))
+    rep_visible = ~jax.random.bernoulli(rep_key, rep_rate, (batch,))
+    text_ids = jnp.where(text_dropped[:, None], empty_prompt(batch, text_len), text_ids)
+    return text_ids, rep_visible, text_dropped
+
+
+def images_to_patches(images, patch_size):
+    """uint8 images [batch, H, W, 3] -> patches in [-1, 1], [batch, patches, p*p*3]."""
+    x = images.astype(jnp.float32) / 127.5 - 1.0
+    return patchify(x, patch_size)
+
+
+def masked_cross_entropy(logits, targets, weights):
+    """Weighted mean token cross-entropy and accuracy; weights [batch, len]."""
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    total = jnp.maximum(jnp.sum(weights), 1.0)
+    return jnp.sum(loss * weights) / total, jnp.sum(correct * weights) / total
+
+
+def generation_loss(model: RFModel, params, batch, rep_targets, rng, loss_cfg):
+    """Rep cross-entropy and flow matching on the generation rows.
+
+    Args:
+        batch: dict with `gen_text` int32 [batch, text_len] and `gen_image` uint8.
+        rep_targets: int32 [batch, num_rep] tokens of the EMA encoder.
+        loss_cfg: `config.loss`.
+
+    Returns:
+        (weighted loss, metrics dict).
+    """
+    cfg = model.config
+    drop_key, time_key, noise_key = jax.random.split(rng, 3)
+    text_ids, rep_visible, _ = cfg_dropout(drop_key, batch["gen_text"], loss_cfg.text_dropout,
+                                           loss_cfg.rep_dropout)
+    x = images_to_patches(batch["gen_image"], cfg.pixel_patch)
+    t = flow.sample_times(time_key, x.shape[0], loss_cfg.t_mu, loss_cfg.t_sigma)
+    noise = loss_cfg.noise_scale * jax.random.normal(noise_key, x.shape, jnp.float32)
+    z = flow.noisy_inputs(x, t, noise)
+
+    rep_logits, x_hat = model.apply({"params": params}, text_ids, rep_targets, z, t, rep_visible)
+    fm = flow.flow_matching_loss(x_hat, x, z, t, loss_cfg.t_clip)
+    metrics = {"loss_fm": fm, "x_mse": jnp.mean(jnp.square(x_hat.astype(jnp.float32) - x))}
+    total = loss_cfg.fm_weight * fm
+    if rep_logits is not None:
+        rep_loss, rep_accuracy = masked_cross_entropy(
+            rep_logits, rep_targets, jnp.ones(rep_targets.shape, jnp.float32))
+        metrics.update(loss_rep=rep_loss, rep_accuracy=rep_accuracy)
+        total = total + loss_cfg.rep_weight * rep_loss
+    return total, metrics
+
+
+def understanding_loss(model: RFModel, params, batch, loss_cfg):
+    """Text cross-entropy on the answers of understanding rows."""
+    text = batch["und_text"]
+    logits = model.apply({"params": params}, batch["und_image"], text, method=RFModel.understand)
+    loss, accuracy = masked_cross_entropy(logits[:, :-1], text[:, 1:], batch["und_loss_mask"][:, 1:])
+    return loss_cfg.text_weight * loss, {"loss_text": loss, "text_accuracy": accuracy}
+
+
+def total_loss(model, params, batch, rep_targets, rng, loss_cfg):
+    """Sum the generation and understanding losses present in the batch."""
+    loss = jnp.zeros((), jnp.float32)
+    metrics = {}
+    if batch["gen_text"].shape[0]:
+        gen, gen_metrics = generation_loss(model, params, batch, rep_targets, rng, loss_cfg)
+        loss, metrics = loss + gen, {**metrics, **gen_metrics}
+    if batch["und_text"].shape[0]:
+        und, und_metrics = understanding_loss(model, params, batch, loss_cfg)
+        loss, metrics = loss + und, {**metrics, **und_metrics}
+    metrics["loss"] = loss
+    return loss, metrics

