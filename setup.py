@@ -15,9 +15,9 @@ setuptools.setup(
     python_requires=">=3.11,<3.13",
     packages=setuptools.find_packages(include=["rf_jax", "rf_jax.*"]),
     install_requires=[
-        "jax>=0.6,<0.11",
+        "jax>=0.7,<0.11",
         "flax>=0.10.4,<0.13",
-        "optax>=0.2.4,<0.3",
+        "optax>=0.2.5,<0.3",
         "orbax-checkpoint>=0.11,<0.13",
         "grain>=0.2.10,<0.3",
         "array-record>=0.7,<0.9",

@@ -22,8 +22,9 @@ def get_config(arg=None):
     config.model.encoder.patch_size = 8
     config.model.codebook.size = 256
     config.model.ema_decay = 0.995
-    config.model.backbone.update(width=192, depth=3, num_heads=3, num_kv_heads=1, head_dim=64,
-                                 mlp_dim=512)
+    config.model.backbone.update(
+        width=192, depth=3, num_heads=3, num_kv_heads=1, head_dim=64, mlp_dim=512
+    )
 
     config.data.batch_size = 32
     config.data.mixture.generation = 0.75
@@ -37,8 +38,9 @@ def get_config(arg=None):
     config.optim.warmup_steps = 200
 
     if arg == "runlocal":
-        config.model.backbone.update(width=128, depth=2, num_heads=2, num_kv_heads=1,
-                                     head_dim=64, mlp_dim=256)
+        config.model.backbone.update(
+            width=128, depth=2, num_heads=2, num_kv_heads=1, head_dim=64, mlp_dim=256
+        )
         config.train.steps = 60
         config.train.log_every = 10
         config.train.checkpoint_every = 30

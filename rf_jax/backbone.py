@@ -93,11 +93,20 @@ class Attention(nn.Module):
         """
         batch, seq, _ = x.shape
         proj = lambda heads, name, bias=True: Dense(  # noqa: E731
-            heads * self.head_dim, ("embed", "heads" if heads == self.num_heads else "kv_heads"),
-            use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+            heads * self.head_dim,
+            ("embed", "heads" if heads == self.num_heads else "kv_heads"),
+            use_bias=bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+        )
         q = proj(self.num_heads, "q_proj")(x).reshape(batch, seq, self.num_heads, self.head_dim)
-        k = proj(self.num_kv_heads, "k_proj")(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
-        v = proj(self.num_kv_heads, "v_proj")(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
+        k = proj(self.num_kv_heads, "k_proj")(x).reshape(
+            batch, seq, self.num_kv_heads, self.head_dim
+        )
+        v = proj(self.num_kv_heads, "v_proj")(x).reshape(
+            batch, seq, self.num_kv_heads, self.head_dim
+        )
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
         k = constrain(k, ("activation_batch", "activation_length", "activation_kv", None))
@@ -105,19 +114,30 @@ class Attention(nn.Module):
         new_entry = None
         if mode == APPEND:
             cached_k, cached_v = layer_cache
-            k = jax.lax.dynamic_update_slice_in_dim(cached_k, k.astype(cached_k.dtype), write_index, 1)
-            v = jax.lax.dynamic_update_slice_in_dim(cached_v, v.astype(cached_v.dtype), write_index, 1)
+            k = jax.lax.dynamic_update_slice_in_dim(
+                cached_k, k.astype(cached_k.dtype), write_index, 1
+            )
+            v = jax.lax.dynamic_update_slice_in_dim(
+                cached_v, v.astype(cached_v.dtype), write_index, 1
+            )
             new_entry = (k, v)
         elif mode == READ:
             cached_k, cached_v = layer_cache
             k = jnp.concatenate([cached_k, k.astype(cached_k.dtype)], axis=1)
             v = jnp.concatenate([cached_v, v.astype(cached_v.dtype)], axis=1)
 
-        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask,
-                                    self.head_dim ** -0.5)
+        out = dot_product_attention(
+            q, k.astype(q.dtype), v.astype(q.dtype), mask, self.head_dim**-0.5
+        )
         out = out.reshape(batch, seq, self.num_heads * self.head_dim)
-        o_proj = Dense(x.shape[-1], ("heads", "embed"), use_bias=False, dtype=self.dtype,
-                       param_dtype=self.param_dtype, name="o_proj")
+        o_proj = Dense(
+            x.shape[-1],
+            ("heads", "embed"),
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="o_proj",
+        )
         return o_proj(out), new_entry
 
 
@@ -155,14 +175,22 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, cos, sin, mask, modality, spans, layer_cache, mode, write_index):
         cfg = self.config
-        h = RMSNorm(cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="input_norm")(x)
+        h = RMSNorm(cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="input_norm")(
+            x
+        )
         attn_out, new_entry = Attention(
-            cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype, name="attn")(h, cos, sin, mask, layer_cache, mode,
-                                                     write_index)
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            name="attn",
+        )(h, cos, sin, mask, layer_cache, mode, write_index)
         x = x + attn_out
-        experts = [Expert(cfg.mlp_dim, cfg.norm_eps, cfg.dtype, cfg.param_dtype, name=f"expert_{e}")
-                   for e in range(mask_lib.NUM_EXPERTS)]
+        experts = [
+            Expert(cfg.mlp_dim, cfg.norm_eps, cfg.dtype, cfg.param_dtype, name=f"expert_{e}")
+            for e in range(mask_lib.NUM_EXPERTS)
+        ]
         x = x + route(x, modality, spans, experts)
         x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
         return x, new_entry
@@ -190,9 +218,18 @@ class Backbone(nn.Module):
     config: BackboneConfig
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, modality, *, rep_visible=None,
-                 expert_spans: ExpertSpans = None, cache: Optional[KVCache] = None,
-                 mode: str = NO_CACHE):
+    def __call__(
+        self,
+        x,
+        positions,
+        segment_ids,
+        modality,
+        *,
+        rep_visible=None,
+        expert_spans: ExpertSpans = None,
+        cache: Optional[KVCache] = None,
+        mode: str = NO_CACHE,
+    ):
         """Run all layers.
 
         Args:
@@ -213,39 +250,56 @@ class Backbone(nn.Module):
         q_index = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
         write_index = None
         if mode == NO_CACHE:
-            mask = mask_lib.attention_mask(segment_ids, modality, q_index, segment_ids, modality,
-                                           q_index, rep_visible)
+            mask = mask_lib.attention_mask(
+                segment_ids, modality, q_index, segment_ids, modality, q_index, rep_visible
+            )
         else:
             write_index = cache.length
             q_index = q_index + cache.length
-            cache_index = jnp.broadcast_to(jnp.arange(cache.size, dtype=jnp.int32), (batch, cache.size))
+            cache_index = jnp.broadcast_to(
+                jnp.arange(cache.size, dtype=jnp.int32), (batch, cache.size)
+            )
             if mode == APPEND:
-                k_segment = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids, write_index, 1)
-                k_modality = jax.lax.dynamic_update_slice_in_dim(cache.modality, modality, write_index, 1)
+                k_segment = jax.lax.dynamic_update_slice_in_dim(
+                    cache.segment_ids, segment_ids, write_index, 1
+                )
+                k_modality = jax.lax.dynamic_update_slice_in_dim(
+                    cache.modality, modality, write_index, 1
+                )
                 k_index = cache_index
             else:
                 k_segment = jnp.concatenate([cache.segment_ids, segment_ids], axis=1)
                 k_modality = jnp.concatenate([cache.modality, modality], axis=1)
                 k_index = jnp.concatenate([cache_index, q_index], axis=1)
-            mask = mask_lib.attention_mask(segment_ids, modality, q_index, k_segment, k_modality,
-                                           k_index, rep_visible)
+            mask = mask_lib.attention_mask(
+                segment_ids, modality, q_index, k_segment, k_modality, k_index, rep_visible
+            )
 
         cos, sin = rope_frequencies(cfg.head_dim, positions, cfg.rope_theta)
         new_keys, new_values = [], []
         for layer in range(cfg.depth):
             layer_cache = None if mode == NO_CACHE else (cache.keys[layer], cache.values[layer])
             x, entry = Block(cfg, name=f"layers_{layer}")(
-                x, cos, sin, mask, modality, expert_spans, layer_cache, mode, write_index)
+                x, cos, sin, mask, modality, expert_spans, layer_cache, mode, write_index
+            )
             if entry is not None:
                 new_keys.append(entry[0])
                 new_values.append(entry[1])
 
-        final_norms = [RMSNorm(cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                               name=f"final_norm_{e}") for e in range(mask_lib.NUM_EXPERTS)]
+        final_norms = [
+            RMSNorm(
+                cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=f"final_norm_{e}"
+            )
+            for e in range(mask_lib.NUM_EXPERTS)
+        ]
         hidden = route(x, modality, expert_spans, final_norms)
 
         if mode == APPEND:
             cache = cache.replace(
-                keys=jnp.stack(new_keys), values=jnp.stack(new_values),
-                segment_ids=k_segment, modality=k_modality, length=cache.length + seq)
+                keys=jnp.stack(new_keys),
+                values=jnp.stack(new_values),
+                segment_ids=k_segment,
+                modality=k_modality,
+                length=cache.length + seq,
+            )
         return hidden, cache

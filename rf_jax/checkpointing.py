@@ -24,8 +24,11 @@ def checkpoint_dir(workdir):
 def create_manager(workdir, keep=3, save_every=None, asynchronous=True):
     """A CheckpointManager over `workdir/checkpoints` holding the train state and data state."""
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, save_interval_steps=save_every or 1, create=True,
-        enable_async_checkpointing=asynchronous)
+        max_to_keep=keep,
+        save_interval_steps=save_every or 1,
+        create=True,
+        enable_async_checkpointing=asynchronous,
+    )
     return ocp.CheckpointManager(checkpoint_dir(workdir), item_names=(STATE, DATA), options=options)
 
 
@@ -57,7 +60,8 @@ def restore(manager, abstract_state, data_iterator=None, step=None):
         raise ValueError(
             f"Checkpoint step {step} under {manager.directory} does not fit this config"
             f"{': ' + mismatches if mismatches else ''}. Use the config the run was trained "
-            f"with, or a new --workdir. Orbax said: {error}") from error
+            f"with, or a new --workdir. Orbax said: {error}"
+        ) from error
     logging.info("Restored checkpoint step %d from %s.", step, manager.directory)
     return step, restored[STATE]
 
@@ -69,14 +73,20 @@ def describe_mismatch(manager, step, abstract_state):
     except Exception as error:  # Metadata is best effort; the caller still raises.  # noqa: BLE001
         logging.warning("Could not read checkpoint metadata: %s", error)
         return ""
-    saved = {jax.tree_util.keystr(path): tuple(leaf.shape)
-             for path, leaf in jax.tree_util.tree_flatten_with_path(metadata)[0]
-             if hasattr(leaf, "shape")}
-    wanted = {jax.tree_util.keystr(path): tuple(leaf.shape)
-              for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+    saved = {
+        jax.tree_util.keystr(path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(metadata)[0]
+        if hasattr(leaf, "shape")
+    }
+    wanted = {
+        jax.tree_util.keystr(path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]
+    }
     lines = []
     for name in sorted(set(saved) | set(wanted)):
         if saved.get(name) != wanted.get(name):
-            lines.append(f"{name}: checkpoint {saved.get(name, 'missing')}, "
-                         f"config {wanted.get(name, 'missing')}")
+            lines.append(
+                f"{name}: checkpoint {saved.get(name, 'missing')}, "
+                f"config {wanted.get(name, 'missing')}"
+            )
     return "; ".join(lines[:20]) + (f"; and {len(lines) - 20} more" if len(lines) > 20 else "")

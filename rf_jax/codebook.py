@@ -272,9 +272,7 @@ def update_codebook(
     # [batch, num_codes] array, the size of the logits.
     assignment = jax.nn.one_hot(balanced_ids, num_codes, dtype=jnp.float32)
     counts = jnp.sum(assignment, axis=0)
-    feature_sums = jnp.matmul(
-        assignment.T, unit_features, precision=jax.lax.Precision.HIGHEST
-    )
+    feature_sums = jnp.matmul(assignment.T, unit_features, precision=jax.lax.Precision.HIGHEST)
 
     # The mean and the sum of the assigned features have the same direction.
     mean_directions = _l2_normalize(feature_sums)
@@ -283,15 +281,13 @@ def update_codebook(
     # A blend of zero length (momentum 0.5 with the mean exactly opposite the prototype)
     # has no direction, so that prototype keeps its value like an unassigned one.
     moved = (counts > 0) & (blend_squared_norm > _TINY_SQUARED_NORM)
-    new_prototypes = jnp.where(
-        moved[:, None], _l2_normalize(blend), prototypes.astype(jnp.float32)
-    )
+    new_prototypes = jnp.where(moved[:, None], _l2_normalize(blend), prototypes.astype(jnp.float32))
 
     token_ids = jnp.argmax(logits, axis=-1)
     token_frequency = _code_frequency(token_ids, num_codes)
-    new_usage = usage_decay * state.usage.astype(jnp.float32) + (
-        1.0 - usage_decay
-    ) * token_frequency
+    new_usage = (
+        usage_decay * state.usage.astype(jnp.float32) + (1.0 - usage_decay) * token_frequency
+    )
 
     dead_codes = new_usage < dead_code_threshold / num_codes
     metrics = {

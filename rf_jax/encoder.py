@@ -45,7 +45,8 @@ def patchify(images, patch_size):
     batch, height, width, channels = images.shape
     if height % patch_size or width % patch_size:
         raise ValueError(
-            f"Image size {height}x{width} is not a multiple of the patch size {patch_size}.")
+            f"Image size {height}x{width} is not a multiple of the patch size {patch_size}."
+        )
     rows, cols = height // patch_size, width // patch_size
     x = images.reshape(batch, rows, patch_size, cols, patch_size, channels)
     x = x.transpose(0, 1, 3, 2, 4, 5)
@@ -93,10 +94,16 @@ class EncoderBlock(nn.Module):
         batch, seq, width = x.shape
         head_dim = width // cfg.num_heads
         dense = lambda axes, name, bias=True: Dense(  # noqa: E731
-            width, axes, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)
+            width, axes, use_bias=bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name
+        )
         layer_scale = lambda name: self.param(  # noqa: E731
-            name, nn.with_logical_partitioning(nn.initializers.constant(cfg.layerscale_init),
-                                               ("enc_embed",)), (width,), cfg.param_dtype)
+            name,
+            nn.with_logical_partitioning(
+                nn.initializers.constant(cfg.layerscale_init), ("enc_embed",)
+            ),
+            (width,),
+            cfg.param_dtype,
+        )
 
         h = LayerNorm(cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="norm1")(x)
         heads = lambda t: t.reshape(batch, seq, cfg.num_heads, head_dim)  # noqa: E731
@@ -105,12 +112,18 @@ class EncoderBlock(nn.Module):
         v = heads(dense(("enc_embed", "enc_heads"), "v_proj")(h))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         full = jnp.ones((batch, seq, seq), bool)
-        attn = dot_product_attention(q, k, v, full, head_dim ** -0.5).reshape(batch, seq, width)
+        attn = dot_product_attention(q, k, v, full, head_dim**-0.5).reshape(batch, seq, width)
         x = x + layer_scale("ls1") * dense(("enc_heads", "enc_embed"), "o_proj")(attn)
 
         h = LayerNorm(cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="norm2")(x)
-        mlp = SwiGLU(cfg.mlp_dim, embed_axis="enc_embed", mlp_axis="enc_mlp", dtype=cfg.dtype,
-                     param_dtype=cfg.param_dtype, name="mlp")
+        mlp = SwiGLU(
+            cfg.mlp_dim,
+            embed_axis="enc_embed",
+            mlp_axis="enc_mlp",
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            name="mlp",
+        )
         x = x + layer_scale("ls2") * mlp(h)
         return constrain(x, ("activation_batch", "activation_length", "activation_enc_embed"))
 
@@ -129,15 +142,23 @@ class Encoder(nn.Module):
         batch, num_patches, _ = patches.shape
         grid = int(math.isqrt(num_patches))
 
-        x = Dense(cfg.width, ("enc_patch", "enc_embed"), dtype=cfg.dtype,
-                  param_dtype=cfg.param_dtype, name="patch_embed")(patches)
+        x = Dense(
+            cfg.width,
+            ("enc_patch", "enc_embed"),
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            name="patch_embed",
+        )(patches)
         num_prefix = 1 + cfg.num_registers
         prefix = self.param(
             "prefix_tokens",
             nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "enc_embed")),
-            (num_prefix, cfg.width), cfg.param_dtype)
-        x = jnp.concatenate([jnp.broadcast_to(prefix.astype(x.dtype), (batch, num_prefix, cfg.width)),
-                             x], axis=1)
+            (num_prefix, cfg.width),
+            cfg.param_dtype,
+        )
+        x = jnp.concatenate(
+            [jnp.broadcast_to(prefix.astype(x.dtype), (batch, num_prefix, cfg.width)), x], axis=1
+        )
 
         # The class and register tokens get no rotation (cos 1, sin 0).
         head_dim = cfg.width // cfg.num_heads
@@ -149,7 +170,9 @@ class Encoder(nn.Module):
 
         for layer in range(cfg.depth):
             x = EncoderBlock(cfg, name=f"layers_{layer}")(x, cos, sin)
-        x = LayerNorm(cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="final_norm")(x)
+        x = LayerNorm(
+            cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="final_norm"
+        )(x)
         return x[:, num_prefix:]
 
 
@@ -162,8 +185,18 @@ class Connector(nn.Module):
 
     @nn.compact
     def __call__(self, features):
-        h = Dense(self.width, ("enc_embed", "embed"), dtype=self.dtype,
-                  param_dtype=self.param_dtype, name="fc1")(features)
+        h = Dense(
+            self.width,
+            ("enc_embed", "embed"),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="fc1",
+        )(features)
         h = jax.nn.gelu(h)
-        return Dense(self.width, ("embed", "embed_out"), dtype=self.dtype,
-                     param_dtype=self.param_dtype, name="fc2")(h)
+        return Dense(
+            self.width,
+            ("embed", "embed_out"),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="fc2",
+        )(h)

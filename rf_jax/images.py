@@ -12,12 +12,15 @@ def make_grid(images, columns=None, padding=2, background=255):
     count, height, width, channels = images.shape
     columns = columns or int(np.ceil(np.sqrt(count)))
     rows = int(np.ceil(count / columns))
-    grid = np.full((rows * (height + padding) + padding, columns * (width + padding) + padding,
-                    channels), background, np.uint8)
+    grid = np.full(
+        (rows * (height + padding) + padding, columns * (width + padding) + padding, channels),
+        background,
+        np.uint8,
+    )
     for index, image in enumerate(images):
         top = padding + (index // columns) * (height + padding)
         left = padding + (index % columns) * (width + padding)
-        grid[top:top + height, left:left + width] = image
+        grid[top : top + height, left : left + width] = image
     return grid
 
 

@@ -38,11 +38,16 @@ def encode_prompts(tokenizer, prompts, text_len):
             raise ValueError(f"Prompt {index} is {prompt!r}, not a string.")
         tokens = tokenizer.encode(prompt)
         if len(tokens) > text_len - 1:
-            logging.warning("Prompt %r has %d tokens; keeping the first %d (text_len=%d).",
-                            prompt, len(tokens), text_len - 1, text_len)
-            tokens = tokens[:text_len - 1]
+            logging.warning(
+                "Prompt %r has %d tokens; keeping the first %d (text_len=%d).",
+                prompt,
+                len(tokens),
+                text_len - 1,
+                text_len,
+            )
+            tokens = tokens[: text_len - 1]
         ids = [BOS_ID] + tokens
-        rows[index, text_len - len(ids):] = ids
+        rows[index, text_len - len(ids) :] = ids
     return rows
 
 
@@ -54,7 +59,8 @@ class Generator:
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.sample_fn = sampler_lib.make_text_to_image(
-            model_config, configs.sampler_config(config, **sampler_overrides))
+            model_config, configs.sampler_config(config, **sampler_overrides)
+        )
 
     def generate(self, params, prompts, seed=0):
         """Return uint8 images [len(prompts), H, W, 3] for a list of prompts."""
@@ -75,7 +81,9 @@ class Generator:
 
 def caption_images(model_config, tokenizer, params, images, question="", max_tokens=12):
     """Answer `question` ("" for a caption) about uint8 images [n, H, W, 3]; returns strings."""
-    prompt = encode_prompts(tokenizer, [question] * len(images), len(tokenizer.encode(question)) + 1)
+    prompt = encode_prompts(
+        tokenizer, [question] * len(images), len(tokenizer.encode(question)) + 1
+    )
     answer = sampler_lib.make_image_to_text(model_config, max_tokens)
     tokens = np.asarray(answer(params, jnp.asarray(images), jnp.asarray(prompt), jax.random.key(0)))
     return [tokenizer.decode(row.tolist()) for row in tokens]
@@ -83,10 +91,16 @@ def caption_images(model_config, tokenizer, params, images, question="", max_tok
 
 def write_captions(config, model_config, tokenizer, params, path):
     """Caption held-out test images and write `reference<TAB>generated` lines."""
-    examples = pipeline.make_eval_examples(config.data, tokenizer, split="test",
-                                           count=config.train.num_caption_images)
-    captions = caption_images(model_config, tokenizer, params, examples["image"],
-                              max_tokens=config.train.caption_max_tokens)
+    examples = pipeline.make_eval_examples(
+        config.data, tokenizer, split="test", count=config.train.num_caption_images
+    )
+    captions = caption_images(
+        model_config,
+        tokenizer,
+        params,
+        examples["image"],
+        max_tokens=config.train.caption_max_tokens,
+    )
     with open(path, "w", encoding="utf-8") as f:
         f.write("reference\tgenerated\n")
         for reference, generated in zip(examples["caption"], captions):
@@ -107,7 +121,8 @@ def load_run(workdir, step=None):
     for path in (config_path, tokenizer_path):
         if not os.path.exists(path):
             raise FileNotFoundError(
-                f"{path} not found; is {workdir} the --workdir of a run of rf_jax.train?")
+                f"{path} not found; is {workdir} the --workdir of a run of rf_jax.train?"
+            )
     with open(config_path, encoding="utf-8") as f:
         config = ml_collections.ConfigDict(json.load(f))
     tokenizer = Tokenizer.load(tokenizer_path)
@@ -122,6 +137,7 @@ def load_run(workdir, step=None):
     manager.close()
     if state is None:
         raise FileNotFoundError(
-            f"No checkpoint under {checkpointing.checkpoint_dir(workdir)}; train first.")
+            f"No checkpoint under {checkpointing.checkpoint_dir(workdir)}; train first."
+        )
     logging.info("Loaded step %d of %s.", found, workdir)
     return config, model_config, tokenizer, state.params

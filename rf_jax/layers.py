@@ -43,8 +43,11 @@ class Dense(nn.Module):
         y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
             bias = self.param(
-                "bias", _init(nn.initializers.zeros, self.kernel_axes[1:]),
-                (self.features,), self.param_dtype)
+                "bias",
+                _init(nn.initializers.zeros, self.kernel_axes[1:]),
+                (self.features,),
+                self.param_dtype,
+            )
             y = y + bias.astype(self.dtype)
         return y
 
@@ -60,8 +63,11 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         scale = self.param(
-            "scale", _init(nn.initializers.ones, (self.axis_name,)),
-            (x.shape[-1],), self.param_dtype)
+            "scale",
+            _init(nn.initializers.ones, (self.axis_name,)),
+            (x.shape[-1],),
+            self.param_dtype,
+        )
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return (normed * scale.astype(jnp.float32)).astype(self.dtype)
@@ -79,9 +85,11 @@ class LayerNorm(nn.Module):
     def __call__(self, x):
         dim = x.shape[-1]
         scale = self.param(
-            "scale", _init(nn.initializers.ones, (self.axis_name,)), (dim,), self.param_dtype)
+            "scale", _init(nn.initializers.ones, (self.axis_name,)), (dim,), self.param_dtype
+        )
         bias = self.param(
-            "bias", _init(nn.initializers.zeros, (self.axis_name,)), (dim,), self.param_dtype)
+            "bias", _init(nn.initializers.zeros, (self.axis_name,)), (dim,), self.param_dtype
+        )
         x32 = x.astype(jnp.float32)
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
@@ -101,8 +109,13 @@ class SwiGLU(nn.Module):
     @nn.compact
     def __call__(self, x):
         dense = lambda features, axes, name: Dense(  # noqa: E731
-            features, axes, use_bias=False, dtype=self.dtype,
-            param_dtype=self.param_dtype, name=name)
+            features,
+            axes,
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+        )
         gate = dense(self.hidden_dim, (self.embed_axis, self.mlp_axis), "gate_proj")(x)
         up = dense(self.hidden_dim, (self.embed_axis, self.mlp_axis), "up_proj")(x)
         hidden = nn.silu(gate) * up
@@ -150,11 +163,11 @@ def sincos_2d(grid_size, dim, max_frequency=64.0):
         raise ValueError(f"2-D sine-cosine embedding needs dim divisible by 4, got {dim}.")
     quarter = dim // 4
     exponents = jnp.arange(quarter, dtype=jnp.float32) / max(quarter - 1, 1)
-    frequencies = max_frequency ** exponents
+    frequencies = max_frequency**exponents
     coords = grid_coordinates(grid_size)
     parts = []
     for axis in range(2):
-        angles = 2 * math.pi * coords[:, axis:axis + 1] * frequencies[None, :]
+        angles = 2 * math.pi * coords[:, axis : axis + 1] * frequencies[None, :]
         parts += [jnp.sin(angles), jnp.cos(angles)]
     return jnp.concatenate(parts, axis=-1)
 

@@ -34,7 +34,7 @@ EXPERT_OF_MODALITY = (UNDERSTANDING_EXPERT, UNDERSTANDING_EXPERT, REP_EXPERT, PI
 
 
 def attention_mask(
-        q_segment, q_modality, q_index, k_segment, k_modality, k_index, rep_visible=None
+    q_segment, q_modality, q_index, k_segment, k_modality, k_index, rep_visible=None
 ):
     """Return the boolean mask [batch, q_len, k_len] of allowed (query, key) pairs.
 

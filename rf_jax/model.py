@@ -54,7 +54,7 @@ class ModelConfig:
     @property
     def num_rep(self):
         """Rep tokens per image (0 when the model generates pixels directly)."""
-        return self.rep_grid ** 2 if self.use_rep_tokens else 0
+        return self.rep_grid**2 if self.use_rep_tokens else 0
 
     @property
     def rep_region(self):
@@ -67,7 +67,7 @@ class ModelConfig:
 
     @property
     def num_pixels(self):
-        return self.pixel_grid ** 2
+        return self.pixel_grid**2
 
     @property
     def pixel_dim(self):
@@ -76,7 +76,7 @@ class ModelConfig:
     @property
     def num_image_tokens(self):
         """Encoder tokens of an understanding example."""
-        return self.rep_grid ** 2
+        return self.rep_grid**2
 
     @property
     def generation_len(self):
@@ -119,17 +119,30 @@ class RFModel(nn.Module):
     def setup(self):
         cfg, b = self.config, self.config.backbone
         embed_init = lambda names: nn.with_logical_partitioning(  # noqa: E731
-            nn.initializers.normal(0.02), names)
+            nn.initializers.normal(0.02), names
+        )
         dense = lambda features, axes, name, bias=True: Dense(  # noqa: E731
-            features, axes, use_bias=bias, dtype=b.dtype, param_dtype=b.param_dtype, name=name)
+            features, axes, use_bias=bias, dtype=b.dtype, param_dtype=b.param_dtype, name=name
+        )
 
         self.encoder = Encoder(cfg.encoder, name="encoder")
         self.connector = Connector(b.width, b.dtype, b.param_dtype, name="connector")
-        self.text_embed = nn.Embed(cfg.vocab_size, b.width, embedding_init=embed_init(("vocab", "embed")),
-                                   dtype=b.dtype, param_dtype=b.param_dtype, name="text_embed")
-        self.rep_embed = nn.Embed(cfg.codebook_size + 1, b.width,
-                                  embedding_init=embed_init(("codebook", "embed")),
-                                  dtype=b.dtype, param_dtype=b.param_dtype, name="rep_embed")
+        self.text_embed = nn.Embed(
+            cfg.vocab_size,
+            b.width,
+            embedding_init=embed_init(("vocab", "embed")),
+            dtype=b.dtype,
+            param_dtype=b.param_dtype,
+            name="text_embed",
+        )
+        self.rep_embed = nn.Embed(
+            cfg.codebook_size + 1,
+            b.width,
+            embedding_init=embed_init(("codebook", "embed")),
+            dtype=b.dtype,
+            param_dtype=b.param_dtype,
+            name="rep_embed",
+        )
         self.pixel_in = dense(cfg.pixel_bottleneck, ("pixel", "bottleneck"), "pixel_in", bias=False)
         self.pixel_proj = dense(b.width, ("bottleneck", "embed"), "pixel_proj")
         self.time_fc1 = dense(b.width, ("time", "embed"), "time_fc1")
@@ -165,7 +178,9 @@ class RFModel(nn.Module):
         """Encoder tokens of understanding images, [batch, patches, width]."""
         features = self.encoder(images)
         tokens = self.connector(features)
-        return tokens + sincos_2d(self.config.rep_grid, self.config.backbone.width).astype(tokens.dtype)
+        return tokens + sincos_2d(self.config.rep_grid, self.config.backbone.width).astype(
+            tokens.dtype
+        )
 
     def encode(self, images):
         """Patch features [batch, patches, enc_width] of the encoder (for EMA targets)."""
@@ -208,13 +223,19 @@ class RFModel(nn.Module):
         mod_parts.append(_full(batch, cfg.num_pixels, mask_lib.PIXEL))
 
         cat = lambda xs: jnp.concatenate(xs, axis=1)  # noqa: E731
-        hidden, _ = self.backbone(cat(parts), cat(pos_parts), cat(seg_parts), cat(mod_parts),
-                                  rep_visible=rep_visible, expert_spans=cfg.generation_spans())
+        hidden, _ = self.backbone(
+            cat(parts),
+            cat(pos_parts),
+            cat(seg_parts),
+            cat(mod_parts),
+            rep_visible=rep_visible,
+            expert_spans=cfg.generation_spans(),
+        )
         start = cfg.text_len
         rep_logits = None
         if cfg.use_rep_tokens:
-            rep_logits = self.rep_head(hidden[:, start:start + cfg.num_rep])
-        x_hat = self.pixel_head(hidden[:, start + cfg.rep_region:])
+            rep_logits = self.rep_head(hidden[:, start : start + cfg.num_rep])
+        x_hat = self.pixel_head(hidden[:, start + cfg.rep_region :])
         return rep_logits, x_hat
 
     def understand(self, images, text_ids):
@@ -231,9 +252,15 @@ class RFModel(nn.Module):
             x,
             jnp.concatenate([_full(batch, num_image, 0), positions], axis=1),
             jnp.concatenate([_full(batch, num_image, 1), segments], axis=1),
-            jnp.concatenate([_full(batch, num_image, mask_lib.IMAGE),
-                             _full(batch, text_ids.shape[1], mask_lib.TEXT)], axis=1),
-            expert_spans=((0, length, mask_lib.UNDERSTANDING_EXPERT),))
+            jnp.concatenate(
+                [
+                    _full(batch, num_image, mask_lib.IMAGE),
+                    _full(batch, text_ids.shape[1], mask_lib.TEXT),
+                ],
+                axis=1,
+            ),
+            expert_spans=((0, length, mask_lib.UNDERSTANDING_EXPERT),),
+        )
         return self._text_logits(hidden[:, num_image:])
 
     def initialize(self, text_ids, rep_ids, z, t, rep_visible, und_images, und_text):
@@ -249,8 +276,12 @@ class RFModel(nn.Module):
         cfg = self.config
         batch = text_ids.shape[0]
         positions, segments, count = text_positions(text_ids)
-        x, pos, seg, mod = [self.text_embed(text_ids)], [positions], [segments], [
-            _full(batch, cfg.text_len, mask_lib.TEXT)]
+        x, pos, seg, mod = (
+            [self.text_embed(text_ids)],
+            [positions],
+            [segments],
+            [_full(batch, cfg.text_len, mask_lib.TEXT)],
+        )
         spans = [(0, cfg.text_len, mask_lib.UNDERSTANDING_EXPERT)]
         if cfg.use_rep_tokens:
             bor = jnp.full((batch, 1), cfg.bor_id, jnp.int32)
@@ -260,8 +291,15 @@ class RFModel(nn.Module):
             mod.append(_full(batch, 1, mask_lib.REP))
             spans.append((cfg.text_len, cfg.text_len + 1, mask_lib.REP_EXPERT))
         cat = lambda xs: jnp.concatenate(xs, axis=1)  # noqa: E731
-        hidden, cache = self.backbone(cat(x), cat(pos), cat(seg), cat(mod), expert_spans=tuple(spans),
-                                      cache=cache, mode=APPEND)
+        hidden, cache = self.backbone(
+            cat(x),
+            cat(pos),
+            cat(seg),
+            cat(mod),
+            expert_spans=tuple(spans),
+            cache=cache,
+            mode=APPEND,
+        )
         cache = cache.replace(next_position=count + (1 if cfg.use_rep_tokens else 0))
         logits = self.rep_head(hidden[:, -1]) if cfg.use_rep_tokens else None
         return logits, cache
@@ -271,8 +309,14 @@ class RFModel(nn.Module):
         batch = rep_ids.shape[0]
         x = self.embed_rep(rep_ids[:, None], jnp.reshape(cell, (1,)))
         hidden, cache = self.backbone(
-            x, cache.next_position[:, None], _full(batch, 1, 1), _full(batch, 1, mask_lib.REP),
-            expert_spans=((0, 1, mask_lib.REP_EXPERT),), cache=cache, mode=APPEND)
+            x,
+            cache.next_position[:, None],
+            _full(batch, 1, 1),
+            _full(batch, 1, mask_lib.REP),
+            expert_spans=((0, 1, mask_lib.REP_EXPERT),),
+            cache=cache,
+            mode=APPEND,
+        )
         cache = cache.replace(next_position=cache.next_position + 1)
         return self.rep_head(hidden[:, 0]), cache
 
@@ -285,9 +329,15 @@ class RFModel(nn.Module):
         batch = z.shape[0]
         positions = jnp.broadcast_to(cache.next_position[:, None], (batch, cfg.num_pixels))
         hidden, _ = self.backbone(
-            self.embed_pixels(z, t), positions, _full(batch, cfg.num_pixels, 1),
-            _full(batch, cfg.num_pixels, mask_lib.PIXEL), rep_visible=rep_visible,
-            expert_spans=((0, cfg.num_pixels, mask_lib.PIXEL_EXPERT),), cache=cache, mode=READ)
+            self.embed_pixels(z, t),
+            positions,
+            _full(batch, cfg.num_pixels, 1),
+            _full(batch, cfg.num_pixels, mask_lib.PIXEL),
+            rep_visible=rep_visible,
+            expert_spans=((0, cfg.num_pixels, mask_lib.PIXEL_EXPERT),),
+            cache=cache,
+            mode=READ,
+        )
         return self.pixel_head(hidden)
 
     def prefill_understanding(self, images, prompt_ids, cache):
@@ -300,9 +350,17 @@ class RFModel(nn.Module):
             x,
             jnp.concatenate([_full(batch, num_image, 0), positions], axis=1),
             jnp.concatenate([_full(batch, num_image, 1), segments], axis=1),
-            jnp.concatenate([_full(batch, num_image, mask_lib.IMAGE),
-                             _full(batch, prompt_ids.shape[1], mask_lib.TEXT)], axis=1),
-            expert_spans=((0, x.shape[1], mask_lib.UNDERSTANDING_EXPERT),), cache=cache, mode=APPEND)
+            jnp.concatenate(
+                [
+                    _full(batch, num_image, mask_lib.IMAGE),
+                    _full(batch, prompt_ids.shape[1], mask_lib.TEXT),
+                ],
+                axis=1,
+            ),
+            expert_spans=((0, x.shape[1], mask_lib.UNDERSTANDING_EXPERT),),
+            cache=cache,
+            mode=APPEND,
+        )
         cache = cache.replace(next_position=count + 1)
         return self._text_logits(hidden[:, -1]), cache
 
@@ -310,8 +368,13 @@ class RFModel(nn.Module):
         """Append text tokens [batch]; return (next-token logits [batch, vocab], cache)."""
         batch = token_ids.shape[0]
         hidden, cache = self.backbone(
-            self.text_embed(token_ids[:, None]), cache.next_position[:, None], _full(batch, 1, 1),
+            self.text_embed(token_ids[:, None]),
+            cache.next_position[:, None],
+            _full(batch, 1, 1),
             _full(batch, 1, mask_lib.TEXT),
-            expert_spans=((0, 1, mask_lib.UNDERSTANDING_EXPERT),), cache=cache, mode=APPEND)
+            expert_spans=((0, 1, mask_lib.UNDERSTANDING_EXPERT),),
+            cache=cache,
+            mode=APPEND,
+        )
         cache = cache.replace(next_position=cache.next_position + 1)
         return self._text_logits(hidden[:, 0]), cache

@@ -62,8 +62,9 @@ def generation_loss(model: RFModel, params, batch, rep_targets, rng, loss_cfg):
     """
     cfg = model.config
     drop_key, time_key, noise_key = jax.random.split(rng, 3)
-    text_ids, rep_visible, _ = cfg_dropout(drop_key, batch["gen_text"], loss_cfg.text_dropout,
-                                           loss_cfg.rep_dropout)
+    text_ids, rep_visible, _ = cfg_dropout(
+        drop_key, batch["gen_text"], loss_cfg.text_dropout, loss_cfg.rep_dropout
+    )
     x = images_to_patches(batch["gen_image"], cfg.pixel_patch)
     t = flow.sample_times(time_key, x.shape[0], loss_cfg.t_mu, loss_cfg.t_sigma)
     noise = loss_cfg.noise_scale * jax.random.normal(noise_key, x.shape, jnp.float32)
@@ -75,7 +76,8 @@ def generation_loss(model: RFModel, params, batch, rep_targets, rng, loss_cfg):
     total = loss_cfg.fm_weight * fm
     if rep_logits is not None:
         rep_loss, rep_accuracy = masked_cross_entropy(
-            rep_logits, rep_targets, jnp.ones(rep_targets.shape, jnp.float32))
+            rep_logits, rep_targets, jnp.ones(rep_targets.shape, jnp.float32)
+        )
         metrics.update(loss_rep=rep_loss, rep_accuracy=rep_accuracy)
         total = total + loss_cfg.rep_weight * rep_loss
     return total, metrics
@@ -85,7 +87,9 @@ def understanding_loss(model: RFModel, params, batch, loss_cfg):
     """Text cross-entropy on the answers of understanding rows."""
     text = batch["und_text"]
     logits = model.apply({"params": params}, batch["und_image"], text, method=RFModel.understand)
-    loss, accuracy = masked_cross_entropy(logits[:, :-1], text[:, 1:], batch["und_loss_mask"][:, 1:])
+    loss, accuracy = masked_cross_entropy(
+        logits[:, :-1], text[:, 1:], batch["und_loss_mask"][:, 1:]
+    )
     return loss_cfg.text_weight * loss, {"loss_text": loss, "text_accuracy": accuracy}
 
 

@@ -6,6 +6,7 @@ mesh shape in the config moves a run between data, FSDP and tensor
 parallelism without touching the model.
 """
 
+from absl import logging
 import flax.linen as nn
 import jax
 import numpy as np
@@ -53,20 +54,48 @@ def create_mesh(mesh_config, devices=None):
     if -1 in sizes:
         if len(devices) % known:
             raise ValueError(
-                f"Mesh {dict(zip(MESH_AXES, sizes))} does not divide {len(devices)} devices.")
+                f"Mesh {dict(zip(MESH_AXES, sizes))} does not divide {len(devices)} devices."
+            )
         sizes[sizes.index(-1)] = len(devices) // known
     if int(np.prod(sizes)) != len(devices):
         raise ValueError(
             f"Mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices but "
             f"{len(devices)} are available; set mesh sizes whose product is the device count, "
-            "or -1 for one axis.")
+            "or -1 for one axis."
+        )
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
 def logical_shardings(abstract_tree, mesh, rules=LOGICAL_RULES):
-    """NamedShardings for a tree whose leaves may be `nn.Partitioned` (unnamed -> replicated)."""
+    """NamedShardings for a tree whose leaves may be `nn.Partitioned` (unnamed -> replicated).
+
+    A dimension whose size the mapped mesh axes do not divide (an odd vocabulary,
+    say) is replicated instead, and a warning names it.
+    """
     specs = nn.get_partition_spec(abstract_tree)
-    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+    leaves = jax.tree_util.tree_flatten_with_path(nn.unbox(abstract_tree))[0]
+    flat_shardings, treedef = jax.tree.flatten(shardings)
+    fitted = [
+        _fit_sharding(sharding, leaf.shape, jax.tree_util.keystr(path))
+        for (path, leaf), sharding in zip(leaves, flat_shardings)
+    ]
+    return jax.tree.unflatten(treedef, fitted)
+
+
+def _fit_sharding(sharding, shape, name):
+    spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+    for dim, axes in enumerate(spec):
+        if axes is None:
+            continue
+        names = axes if isinstance(axes, tuple) else (axes,)
+        ways = int(np.prod([sharding.mesh.shape[axis] for axis in names]))
+        if shape[dim] % ways:
+            logging.warning(
+                "Replicating dimension %d of %s (size %d): mesh axes %s split it %d ways.",
+                dim, name, shape[dim], names, ways)
+            spec[dim] = None
+    return NamedSharding(sharding.mesh, PartitionSpec(*spec))
 
 
 def batch_sharding(mesh):
@@ -79,6 +108,18 @@ def replicated(mesh):
 
 
 def global_batch(local_batch, mesh):
-    """Assemble this process's numpy batch into global jax.Arrays sharded over the batch axes."""
+    """Assemble this process's numpy batch into global jax.Arrays sharded over the batch axes.
+
+    Raises:
+        ValueError: a batch dimension is not a multiple of the data-parallel device count.
+    """
     sharding = batch_sharding(mesh)
+    ways = int(np.prod([mesh.shape[axis] for axis in BATCH_AXES]))
+    for name, array in local_batch.items():
+        rows = array.shape[0] * jax.process_count()
+        if rows % ways:
+            raise ValueError(
+                f"Batch field {name!r} has {rows} rows, not a multiple of the {ways} data-parallel "
+                "devices (mesh data x fsdp). Choose data.batch_size and data.mixture so that the "
+                "generation and understanding rows each divide evenly.")
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)

@@ -60,7 +60,8 @@ class SamplerConfig:
         if not 0.0 <= self.guidance_low <= self.guidance_high <= 1.0:
             raise ValueError(
                 "The guidance interval must satisfy 0 <= guidance_low <= guidance_high <= 1, got "
-                f"[{self.guidance_low}, {self.guidance_high}].")
+                f"[{self.guidance_low}, {self.guidance_high}]."
+            )
 
 
 def sample_from_logits(rng, logits, temperature, top_k):
@@ -83,9 +84,12 @@ def empty_prompt(batch, text_len):
 def _take_rows(cache, rows):
     """Select batch rows of a KV cache (keys and values carry depth first)."""
     return cache.replace(
-        keys=cache.keys[:, rows], values=cache.values[:, rows],
-        segment_ids=cache.segment_ids[rows], modality=cache.modality[rows],
-        next_position=cache.next_position[rows])
+        keys=cache.keys[:, rows],
+        values=cache.values[:, rows],
+        segment_ids=cache.segment_ids[rows],
+        modality=cache.modality[rows],
+        next_position=cache.next_position[rows],
+    )
 
 
 def empty_cache(model_config, batch, size):
@@ -111,7 +115,9 @@ def _generate_rep_tokens(model, params, cache, first_logits, rng, cfg, batch, gu
             logits = uncond + cfg.rep_logits_scale * (cond - uncond)
         tokens = sample_from_logits(key, logits, cfg.temperature, cfg.top_k)
         feed = jnp.concatenate([tokens, tokens]) if guided else tokens
-        logits, cache = model.apply({"params": params}, feed, cell, cache, method=RFModel.decode_rep)
+        logits, cache = model.apply(
+            {"params": params}, feed, cell, cache, method=RFModel.decode_rep
+        )
         return (cache, logits, rng), tokens
 
     cells = jnp.arange(num_rep, dtype=jnp.int32)
@@ -136,7 +142,9 @@ def _guided_denoiser(model, params, cache, cfg, batch, use_text, use_rep):
     def denoise(z, t):
         z_all = jnp.concatenate([z] * num_branches)
         t_all = jnp.concatenate([t] * num_branches)
-        x_all = model.apply({"params": params}, z_all, t_all, branch_cache, rep_visible, method=RFModel.denoise)
+        x_all = model.apply(
+            {"params": params}, z_all, t_all, branch_cache, rep_visible, method=RFModel.denoise
+        )
         branches = jnp.split(x_all.astype(jnp.float32), num_branches)
         conditional = branches[0]
         guided = conditional
@@ -167,17 +175,21 @@ def text_to_image(model, params, prompt_ids, rng, cfg: SamplerConfig):
     if two_prompts:
         prompts = jnp.concatenate([prompt_ids, empty_prompt(batch, mcfg.text_len)])
     cache = empty_cache(mcfg, prompts.shape[0], mcfg.text_len + mcfg.rep_region)
-    first_logits, cache = model.apply({"params": params}, prompts, cache, method=RFModel.prefill_generation)
+    first_logits, cache = model.apply(
+        {"params": params}, prompts, cache, method=RFModel.prefill_generation
+    )
 
     rep_key, noise_key = jax.random.split(rng)
     rep_tokens = jnp.zeros((batch, 0), jnp.int32)
     if mcfg.use_rep_tokens:
         rep_tokens, cache = _generate_rep_tokens(
-            model, params, cache, first_logits, rep_key, cfg, batch, two_prompts)
+            model, params, cache, first_logits, rep_key, cfg, batch, two_prompts
+        )
 
     denoise = _guided_denoiser(model, params, cache, cfg, batch, use_text, use_rep)
     noise = cfg.noise_scale * jax.random.normal(
-        noise_key, (batch, mcfg.num_pixels, mcfg.pixel_dim), jnp.float32)
+        noise_key, (batch, mcfg.num_pixels, mcfg.pixel_dim), jnp.float32
+    )
     patches = flow.integrate(denoise, noise, cfg.num_steps)
     images = unpatchify(patches, mcfg.pixel_patch)
     return {"images": to_uint8(images), "rep_tokens": rep_tokens}
@@ -203,8 +215,9 @@ def image_to_text(model, params, images, prompt_ids, rng, max_new_tokens, temper
     batch = images.shape[0]
     size = model.config.num_image_tokens + prompt_ids.shape[1] + max_new_tokens
     cache = empty_cache(model.config, batch, size)
-    logits, cache = model.apply({"params": params}, images, prompt_ids, cache,
-                                method=RFModel.prefill_understanding)
+    logits, cache = model.apply(
+        {"params": params}, images, prompt_ids, cache, method=RFModel.prefill_understanding
+    )
 
     def step(carry, _):
         cache, logits, done, rng = carry
@@ -220,8 +233,9 @@ def image_to_text(model, params, images, prompt_ids, rng, max_new_tokens, temper
     return tokens.T
 
 
-def make_image_to_text(model_config: ModelConfig, max_new_tokens: int,
-                       temperature: Optional[float] = 0.0):
+def make_image_to_text(
+    model_config: ModelConfig, max_new_tokens: int, temperature: Optional[float] = 0.0
+):
     """Return jitted `answer(params, images, prompt_ids, rng) -> tokens [batch, max_new_tokens]`."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")

@@ -12,6 +12,7 @@ images, `config.json` and `tokenizer.model`.
 import logging as pylogging
 import os
 import shutil
+import sys
 import time
 
 from absl import app
@@ -31,25 +32,16 @@ from rf_jax.data import build as data_build
 from rf_jax.data import pipeline
 from rf_jax.inference import Generator, write_captions
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
-
-DATA_DIR_ENV = "RF_JAX_DATA_DIR"
-
-
-def resolve_data_dir(config):
-    """Return config.data.dir, else $RF_JAX_DATA_DIR, else ~/.cache/rf_jax/data."""
-    return (config.data.dir or os.environ.get(DATA_DIR_ENV)
-            or os.path.join(os.path.expanduser("~"), ".cache", "rf_jax", "data"))
-
-
 def prepare_data(config, workdir):
     """Build the data set if needed; copy its tokenizer into the workdir and return it."""
     data_config = config.data
     manifest = data_build.build_dataset(
-        data_config.name, data_config.dir, data_config.image_size, data_config.vocab_size,
-        allow_download=data_config.allow_download)
+        data_config.name,
+        data_config.dir,
+        data_config.image_size,
+        data_config.vocab_size,
+        allow_download=data_config.allow_download,
+    )
     tokenizer_path = os.path.join(pipeline.dataset_dir(data_config), manifest.tokenizer_file)
     shutil.copyfile(tokenizer_path, os.path.join(workdir, "tokenizer.model"))
     return pipeline.load_tokenizer(data_config)
@@ -59,6 +51,22 @@ def save_run_config(config, workdir):
     """Write the resolved config next to the checkpoints, for sampling and captioning."""
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
         f.write(config.to_json_best_effort(indent=2))
+
+
+def flat_hparams(config):
+    """Flatten the config into {"section.field": scalar} for TensorBoard's hparams view."""
+    flat = {}
+
+    def visit(prefix, node):
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                visit(f"{name}.", value)
+            elif isinstance(value, (bool, int, float, str)):
+                flat[name] = value
+
+    visit("", config.to_dict())
+    return flat
 
 
 def log_metrics(writer, step, history, seconds, batch_size):
@@ -74,16 +82,17 @@ def train_and_evaluate(config, workdir):
     os.makedirs(workdir, exist_ok=True)
     if not config.data.dir:
         with config.unlocked():
-            config.data.dir = resolve_data_dir(config)
-    logging.info("Devices: %s (process %d of %d).", jax.devices(), jax.process_index(),
-                 jax.process_count())
+            config.data.dir = data_build.default_data_dir()
+    logging.info(
+        "Devices: %s (process %d of %d).", jax.devices(), jax.process_index(), jax.process_count()
+    )
 
     # Data and tokenizer.
     tokenizer = prepare_data(config, workdir)
     save_run_config(config, workdir)
     data_iterator = pipeline.make_train_iterator(
-        config.data, tokenizer, process_index=jax.process_index(),
-        process_count=jax.process_count())
+        config.data, tokenizer, process_index=jax.process_index(), process_count=jax.process_count()
+    )
 
     # Model, mesh and sharded train state.
     model_config = configs.model_config(config, tokenizer.vocab_size)
@@ -95,8 +104,9 @@ def train_and_evaluate(config, workdir):
     logging.info("Model: %.2fM parameters, mesh %s.", param_count / 1e6, dict(mesh.shape))
 
     # Resume from the workdir, or start fresh.
-    manager = checkpointing.create_manager(workdir, config.train.keep_checkpoints,
-                                           config.train.checkpoint_every)
+    manager = checkpointing.create_manager(
+        workdir, config.train.keep_checkpoints, config.train.checkpoint_every
+    )
     step, state = checkpointing.restore(manager, abstract_state, data_iterator)
     if state is None:
         logging.info("No checkpoint in %s: starting from fresh initialisation.", workdir)
@@ -109,9 +119,10 @@ def train_and_evaluate(config, workdir):
     train_step = trainer.jit_train_step(state_shardings)
     generator = Generator(config, model_config, tokenizer)
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-    writer.write_hparams({k: v for k, v in config.to_dict().items() if not isinstance(v, dict)})
-    progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                               every_steps=config.train.log_every)
+    writer.write_hparams(flat_hparams(config))
+    progress = periodic_actions.ReportProgress(
+        num_train_steps=total_steps, writer=writer, every_steps=config.train.log_every
+    )
     history = []
     window_start = time.perf_counter()
 
@@ -131,9 +142,14 @@ def train_and_evaluate(config, workdir):
             logging.info("Step %d: loss %.4f (%.3f s/step).", step, scalars["loss"], seconds)
             history = []
             window_start = time.perf_counter()
-        if config.train.sample_every and step % config.train.sample_every == 0 and step < total_steps:
-            generator.write_grid(state.params, os.path.join(workdir, "samples", f"step_{step:06d}.png"),
-                                 writer, step)
+        if (
+            config.train.sample_every
+            and step % config.train.sample_every == 0
+            and step < total_steps
+        ):
+            generator.write_grid(
+                state.params, os.path.join(workdir, "samples", f"step_{step:06d}.png"), writer, step
+            )
         checkpointing.save(manager, step, state, data_iterator, force=step == total_steps)
 
     manager.wait_until_finished()
@@ -142,8 +158,9 @@ def train_and_evaluate(config, workdir):
     # Final sample grid and captions of held-out images.
     if jax.process_index() == 0:
         generator.write_grid(state.params, os.path.join(workdir, "samples.png"), writer, step)
-        write_captions(config, model_config, tokenizer, state.params,
-                       os.path.join(workdir, "captions.txt"))
+        write_captions(
+            config, model_config, tokenizer, state.params, os.path.join(workdir, "captions.txt")
+        )
     writer.flush()
     manager.close()
     return state
@@ -157,14 +174,41 @@ class _QuietLibraries(pylogging.Filter):
         return record.levelno >= pylogging.WARNING or not noisy
 
 
+def _define_flags():
+    """Define the command-line flags (only when run as a program, so imports never clash)."""
+    config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
+    flags.DEFINE_bool(
+        "distributed", False,
+        "Call jax.distributed.initialize() first: set it on every host of a multi-host run.")
+
+
 def main(argv):
     logging.get_absl_handler().addFilter(_QuietLibraries())
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None or _WORKDIR.value is None:
+    values = flags.FLAGS
+    if values.config is None or values.workdir is None:
         raise app.UsageError("Both --config and --workdir are required.")
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    if values.distributed:
+        jax.distributed.initialize()
+    train_and_evaluate(values.config, values.workdir)
+
+
+def parse_flags(argv):
+    """Parse flags; an override of a field the config lacks exits with a plain message."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        sys.exit(f"{error}\nPass --helpfull to see the flags.")
+    except (AttributeError, KeyError) as error:
+        overrides = [arg for arg in argv if arg.startswith("--config.")]
+        sys.exit(
+            f"Invalid config override among {overrides}: the config has no field {error}. "
+            "Check the name against the experiment file passed to --config."
+        )
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _define_flags()
+    app.run(main, flags_parser=parse_flags)

@@ -41,9 +41,12 @@ def learning_rate_schedule(optim_cfg, total_steps):
     """Linear warmup to the peak, then cosine decay to `min_lr_ratio` of it."""
     warmup = min(optim_cfg.warmup_steps, max(total_steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=optim_cfg.learning_rate, warmup_steps=warmup,
+        init_value=0.0,
+        peak_value=optim_cfg.learning_rate,
+        warmup_steps=warmup,
         decay_steps=max(total_steps, warmup + 1),
-        end_value=optim_cfg.learning_rate * optim_cfg.min_lr_ratio)
+        end_value=optim_cfg.learning_rate * optim_cfg.min_lr_ratio,
+    )
 
 
 def make_optimizer(optim_cfg, total_steps):
@@ -52,8 +55,14 @@ def make_optimizer(optim_cfg, total_steps):
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
     return optax.chain(
         optax.clip_by_global_norm(optim_cfg.grad_clip),
-        optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2,
-                    weight_decay=optim_cfg.weight_decay, mask=decay_mask))
+        optax.adamw(
+            schedule,
+            b1=optim_cfg.b1,
+            b2=optim_cfg.b2,
+            weight_decay=optim_cfg.weight_decay,
+            mask=decay_mask,
+        ),
+    )
 
 
 def dummy_inputs(cfg: ModelConfig, und_text_len):
@@ -89,10 +98,16 @@ class Trainer:
         inputs = dummy_inputs(self.model_config, self.config.data.und_text_len)
         params = self.model.init(init_key, **inputs, method=RFModel.initialize)["params"]
         codebook = codebook_lib.init_codebook(
-            codebook_key, self.model_config.codebook_size, self.model_config.encoder.width)
+            codebook_key, self.model_config.codebook_size, self.model_config.encoder.width
+        )
         return TrainState(
-            step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
-            ema_encoder=params["encoder"], codebook=codebook, rng=state_key)
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=self.tx.init(params),
+            ema_encoder=params["encoder"],
+            codebook=codebook,
+            rng=state_key,
+        )
 
     def abstract_state(self):
         """Shapes and dtypes of the train state, with its shardings: (abstract, shardings)."""
@@ -100,55 +115,79 @@ class Trainer:
         shardings = partitioning.logical_shardings(boxed, self.mesh, self.rules)
         abstract = jax.tree.map(
             lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-            nn.unbox(boxed), shardings)
+            nn.unbox(boxed),
+            shardings,
+        )
         return abstract, shardings
 
     def init_state(self, seed):
         """Create the train state directly in its sharded layout."""
         _, shardings = self.abstract_state()
         init = jax.jit(lambda rng: nn.unbox(self._make_state(rng)), out_shardings=shardings)
-        with self.mesh, nn.logical_axis_rules(self.rules):
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             return init(jax.random.key(seed))
+
+    def rep_targets(self, ema_encoder, codebook, gen_images):
+        """EMA patch features [n, enc_width] and their tokens [batch, num_rep], without gradient."""
+        mcfg = self.model_config
+        if not (mcfg.use_rep_tokens and gen_images.shape[0]):
+            return (
+                jnp.zeros((0, mcfg.encoder.width), jnp.float32),
+                jnp.zeros((gen_images.shape[0], mcfg.num_rep), jnp.int32),
+            )
+        features = self.encoder.apply({"params": ema_encoder}, gen_images)
+        features = jax.lax.stop_gradient(features.astype(jnp.float32))
+        tokens = codebook_lib.assign_tokens(features, codebook.prototypes)
+        return features.reshape(-1, features.shape[-1]), tokens
+
+    def loss(self, params, batch, rep_targets, rng):
+        """Total loss and metrics of one batch."""
+        return objectives.total_loss(self.model, params, batch, rep_targets, rng, self.config.loss)
 
     def _train_step(self, state: TrainState, batch):
         cfg = self.config
-        mcfg = self.model_config
         rng = jax.random.fold_in(state.rng, state.step)
-        features = jnp.zeros((0, mcfg.encoder.width), jnp.float32)
-        rep_targets = jnp.zeros((batch["gen_text"].shape[0], mcfg.num_rep), jnp.int32)
-        if mcfg.use_rep_tokens and batch["gen_image"].shape[0]:
-            features = self.encoder.apply({"params": state.ema_encoder}, batch["gen_image"])
-            features = jax.lax.stop_gradient(features.astype(jnp.float32))
-            rep_targets = codebook_lib.assign_tokens(features, state.codebook.prototypes)
-
-        def loss_fn(params):
-            return objectives.total_loss(self.model, params, batch, rep_targets, rng, cfg.loss)
-
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        features, targets = self.rep_targets(state.ema_encoder, state.codebook, batch["gen_image"])
+        loss_fn = lambda params: self.loss(params, batch, targets, rng)  # noqa: E731
+        (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = ema_update(state.ema_encoder, params["encoder"], cfg.model.ema_decay)
+
         codebook = state.codebook
         if features.shape[0]:
             cb = cfg.model.codebook
             codebook, codebook_metrics = codebook_lib.update_codebook(
-                codebook, features, momentum=cb.momentum, eps=cb.sinkhorn_eps,
-                num_iters=cb.sinkhorn_iters, usage_decay=cb.usage_decay)
+                codebook,
+                features,
+                momentum=cb.momentum,
+                eps=cb.sinkhorn_eps,
+                num_iters=cb.sinkhorn_iters,
+                usage_decay=cb.usage_decay,
+            )
             metrics.update(codebook_metrics)
-        metrics.update(grad_norm=optax.global_norm(grads), learning_rate=self.schedule(state.step))
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                                  ema_encoder=ema, codebook=codebook)
+        metrics.update(grad_norm=optax.tree_utils.tree_norm(grads), learning_rate=self.schedule(state.step))
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            ema_encoder=ema,
+            codebook=codebook,
+        )
         return new_state, metrics
 
     def jit_train_step(self, state_shardings):
         """Return the jitted step (state donated): (state, batch) -> (state, metrics)."""
         batch_sharding = partitioning.batch_sharding(self.mesh)
-        step = jax.jit(self._train_step, in_shardings=(state_shardings, batch_sharding),
-                       out_shardings=(state_shardings, partitioning.replicated(self.mesh)),
-                       donate_argnums=0)
+        step = jax.jit(
+            self._train_step,
+            in_shardings=(state_shardings, batch_sharding),
+            out_shardings=(state_shardings, partitioning.replicated(self.mesh)),
+            donate_argnums=0,
+        )
 
         def run(state, batch):
-            with self.mesh, nn.logical_axis_rules(self.rules):
+            with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
                 return step(state, batch)
 
         return run
@@ -156,9 +195,13 @@ class Trainer:
 
 def check_finite(metrics, step):
     """Raise FloatingPointError naming the step if a loss or the gradient norm is not finite."""
-    bad = {k: float(v) for k, v in metrics.items()
-           if (k.startswith("loss") or k == "grad_norm") and not np.isfinite(v)}
+    bad = {
+        k: float(v)
+        for k, v in metrics.items()
+        if (k.startswith("loss") or k == "grad_norm") and not np.isfinite(v)
+    }
     if bad:
         raise FloatingPointError(
             f"Non-finite values at step {step}: {bad}. Lower optim.learning_rate or "
-            "optim.grad_clip, or restart from the last checkpoint.")
+            "optim.grad_clip, or restart from the last checkpoint."
+        )

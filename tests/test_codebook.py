@@ -145,8 +145,7 @@ def test_sinkhorn_rejects_bad_input():
 
 # Data parallelism over 8 fake CPU devices
 
-_SHARDED_SCRIPT = textwrap.dedent(
-    """
+_SHARDED_SCRIPT = textwrap.dedent("""
     import sys
 
     import jax
@@ -180,8 +179,7 @@ _SHARDED_SCRIPT = textwrap.dedent(
         usage=np.asarray(new_state.usage),
         **{"metric_" + name: np.asarray(value) for name, value in metrics.items()},
     )
-    """
-)
+    """)
 
 
 def test_sharded_over_8_devices_matches_single_device(tmp_path):
@@ -227,9 +225,7 @@ def test_sharded_over_8_devices_matches_single_device(tmp_path):
     # results differ by rounding: up to about 1e-6 relative in Q and 3e-8 in the
     # prototypes. The scores of this fixed seed have no near-ties in the balanced argmax.
     np.testing.assert_allclose(sharded["q"], q, rtol=1e-5, atol=0)
-    np.testing.assert_array_equal(
-        np.argmax(sharded["q"], axis=0), np.argmax(q, axis=0)
-    )
+    np.testing.assert_array_equal(np.argmax(sharded["q"], axis=0), np.argmax(q, axis=0))
     np.testing.assert_allclose(sharded["prototypes"], new_state.prototypes, rtol=0, atol=1e-6)
     np.testing.assert_allclose(sharded["usage"], new_state.usage, rtol=1e-6, atol=0)
     for name, value in metrics.items():
@@ -252,9 +248,7 @@ def test_update_matches_hand_computed_case(momentum):
         prototypes=jnp.asarray(prototypes, jnp.float32), usage=jnp.full((3,), 1 / 3)
     )
 
-    new_state, metrics = _update_jit(
-        state, jnp.asarray(features, jnp.float32), momentum=momentum
-    )
+    new_state, metrics = _update_jit(state, jnp.asarray(features, jnp.float32), momentum=momentum)
 
     mean_directions = _angle_vectors(prototype_angles + 20.0)
     expected = _unit(momentum * prototypes + (1.0 - momentum) * mean_directions)
@@ -338,8 +332,12 @@ def test_assign_tokens_picks_max_cosine():
     features = rng.normal(size=(3, 5, 6))
     scales = 10.0 ** rng.uniform(-3, 3, size=(3, 5, 1))
 
-    token_ids = assign_tokens(jnp.asarray(features, jnp.float32), jnp.asarray(prototypes, jnp.float32))
-    scaled_ids = assign_tokens(jnp.asarray(features * scales, jnp.float32), jnp.asarray(prototypes, jnp.float32))
+    token_ids = assign_tokens(
+        jnp.asarray(features, jnp.float32), jnp.asarray(prototypes, jnp.float32)
+    )
+    scaled_ids = assign_tokens(
+        jnp.asarray(features * scales, jnp.float32), jnp.asarray(prototypes, jnp.float32)
+    )
 
     assert token_ids.shape == (3, 5)
     assert token_ids.dtype == jnp.int32
@@ -352,7 +350,9 @@ def test_assign_tokens_uses_cosine_not_dot_product():
     prototypes = np.array([10.0 * _angle_vectors(60.0), 0.5 * _angle_vectors(10.0)])
     features = _angle_vectors([0.0])
 
-    token_ids = assign_tokens(jnp.asarray(features, jnp.float32), jnp.asarray(prototypes, jnp.float32))
+    token_ids = assign_tokens(
+        jnp.asarray(features, jnp.float32), jnp.asarray(prototypes, jnp.float32)
+    )
 
     np.testing.assert_array_equal(token_ids, [1])
 

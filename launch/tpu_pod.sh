@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Train rf_jax on a Cloud TPU VM pod slice: create or reuse the VM, copy this
+# checkout to every worker, install requirements-tpu.txt there and run the
+# trainer on all workers at once.
+#
+#   bash launch/tpu_pod.sh --name NAME --zone ZONE --accelerator TYPE \
+#       --config experiments/FILE.py --workdir gs://BUCKET/PATH \
+#       [--project PROJECT] [--version RUNTIME] [--dry-run] [-- TRAIN_ARGS...]
+#
+# --dry-run prints every gcloud command instead of running it. Arguments after
+# "--" go to rf_jax.train unchanged (e.g. --config.train.steps=1000).
+set -euo pipefail
+
+usage() {
+  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+}
+
+fail() {
+  echo "tpu_pod.sh: $1" >&2
+  exit 2
+}
+
+name="" zone="" accelerator="" config="" workdir="" project="" dry_run=0
+version="tpu-ubuntu2204-base"
+train_args=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --name) name=${2:-}; shift 2 ;;
+    --zone) zone=${2:-}; shift 2 ;;
+    --accelerator) accelerator=${2:-}; shift 2 ;;
+    --config) config=${2:-}; shift 2 ;;
+    --workdir) workdir=${2:-}; shift 2 ;;
+    --project) project=${2:-}; shift 2 ;;
+    --version) version=${2:-}; shift 2 ;;
+    --dry-run) dry_run=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; train_args=("$@"); break ;;
+    *) fail "unknown argument '$1'; run with --help for the usage." ;;
+  esac
+done
+
+for pair in "name:$name" "zone:$zone" "accelerator:$accelerator" "config:$config" "workdir:$workdir"; do
+  [[ -n "${pair#*:}" ]] || fail "missing --${pair%%:*}; run with --help for the usage."
+done
+cd "$(dirname "$0")/.."
+[[ -f "${config%%:*}" ]] || fail "config file '${config%%:*}' not found (give a path inside this checkout)."
+if [[ "$workdir" != gs://* ]]; then
+  fail "--workdir must be a Cloud Storage path (gs://BUCKET/PATH) that every worker can reach, got '$workdir'."
+fi
+if [[ $dry_run -eq 0 ]] && ! command -v gcloud >/dev/null 2>&1; then
+  fail "gcloud not found on PATH; install the Google Cloud CLI (https://cloud.google.com/sdk) or use --dry-run."
+fi
+
+common=(--zone "$zone")
+[[ -n "$project" ]] && common+=(--project "$project")
+
+run() {
+  if [[ $dry_run -eq 1 ]]; then
+    printf '%q ' "$@"
+    echo
+  else
+    "$@"
+  fi
+}
+
+# Create the VM unless it exists.
+if [[ $dry_run -eq 1 ]]; then
+  echo "# The VM is created only if this describe command fails:"
+  run gcloud compute tpus tpu-vm describe "$name" "${common[@]}"
+  run gcloud compute tpus tpu-vm create "$name" "${common[@]}" --accelerator-type "$accelerator" --version "$version"
+elif gcloud compute tpus tpu-vm describe "$name" "${common[@]}" >/dev/null 2>&1; then
+  echo "Reusing TPU VM $name in $zone."
+else
+  echo "Creating TPU VM $name ($accelerator) in $zone."
+  run gcloud compute tpus tpu-vm create "$name" "${common[@]}" --accelerator-type "$accelerator" --version "$version"
+fi
+
+# Copy the code (tracked files of this checkout) and install it on every worker.
+archive=$(mktemp -d)/rf_jax.tar.gz
+run git archive --format=tar.gz -o "$archive" HEAD
+run gcloud compute tpus tpu-vm scp "$archive" "$name:~/rf_jax.tar.gz" "${common[@]}" --worker=all
+install="rm -rf ~/rf_jax && mkdir -p ~/rf_jax && tar xzf ~/rf_jax.tar.gz -C ~/rf_jax && cd ~/rf_jax && python3 -m pip install -q -r requirements-tpu.txt && python3 -m pip install -q -e . --no-deps"
+run gcloud compute tpus tpu-vm ssh "$name" "${common[@]}" --worker=all --command "$install"
+
+# Train on all workers; each one joins jax.distributed and reads its own data shard.
+train="cd ~/rf_jax && python3 -m rf_jax.train --config $(printf '%q' "$config") --workdir $(printf '%q' "$workdir") --distributed"
+for arg in "${train_args[@]}"; do
+  train+=" $(printf '%q' "$arg")"
+done
+run gcloud compute tpus tpu-vm ssh "$name" "${common[@]}" --worker=all --command "$train"
