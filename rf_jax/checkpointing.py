@@ -29,7 +29,13 @@ def create_manager(workdir, keep=3, save_every=None, asynchronous=True):
         create=True,
         enable_async_checkpointing=asynchronous,
     )
-    return ocp.CheckpointManager(checkpoint_dir(workdir), item_names=(STATE, DATA), options=options)
+    # Registering the handlers up front lets a fresh manager read metadata before a restore.
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    registry.add(STATE, ocp.args.StandardSave)
+    registry.add(STATE, ocp.args.StandardRestore)
+    registry.add(DATA, grain.checkpoint.CheckpointSave)
+    registry.add(DATA, grain.checkpoint.CheckpointRestore)
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, handler_registry=registry)
 
 
 def save(manager, step, state, data_iterator=None, force=False):
@@ -50,17 +56,21 @@ def restore(manager, abstract_state, data_iterator=None, step=None):
     step = manager.latest_step() if step is None else step
     if step is None:
         return None, None
+    mismatches = describe_mismatch(manager, step, abstract_state)
+    if mismatches:
+        raise ValueError(
+            f"Checkpoint step {step} under {manager.directory} does not fit this config: "
+            f"{mismatches}. Use the config the run was trained with, or a new --workdir."
+        )
     items = {STATE: ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
         items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
     try:
         restored = manager.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, TypeError, KeyError) as error:
-        mismatches = describe_mismatch(manager, step, abstract_state)
         raise ValueError(
-            f"Checkpoint step {step} under {manager.directory} does not fit this config"
-            f"{': ' + mismatches if mismatches else ''}. Use the config the run was trained "
-            f"with, or a new --workdir. Orbax said: {error}"
+            f"Checkpoint step {step} under {manager.directory} could not be restored into this "
+            f"config ({error}). Use the config the run was trained with, or a new --workdir."
         ) from error
     logging.info("Restored checkpoint step %d from %s.", step, manager.directory)
     return step, restored[STATE]
@@ -74,12 +84,12 @@ def describe_mismatch(manager, step, abstract_state):
         logging.warning("Could not read checkpoint metadata: %s", error)
         return ""
     saved = {
-        jax.tree_util.keystr(path): tuple(leaf.shape)
+        jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape)
         for path, leaf in jax.tree_util.tree_flatten_with_path(metadata)[0]
         if hasattr(leaf, "shape")
     }
     wanted = {
-        jax.tree_util.keystr(path): tuple(leaf.shape)
+        jax.tree_util.keystr(path, simple=True, separator="/"): _stored_shape(leaf)
         for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]
     }
     lines = []
@@ -90,3 +100,10 @@ def describe_mismatch(manager, step, abstract_state):
                 f"config {wanted.get(name, 'missing')}"
             )
     return "; ".join(lines[:20]) + (f"; and {len(lines) - 20} more" if len(lines) > 20 else "")
+
+
+def _stored_shape(leaf):
+    """Shape of an array as Orbax stores it (a PRNG key array as its raw key data)."""
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        return tuple(jax.eval_shape(jax.random.key_data, leaf).shape)
+    return tuple(leaf.shape)

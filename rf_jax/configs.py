@@ -115,7 +115,6 @@ def default_config():
             sample_every=0,
             num_caption_images=32,
             caption_max_tokens=12,
-            nonfinite="error",
         )
     )
 

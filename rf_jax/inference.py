@@ -39,8 +39,9 @@ def encode_prompts(tokenizer, prompts, text_len):
         tokens = tokenizer.encode(prompt)
         if len(tokens) > text_len - 1:
             logging.warning(
-                "Prompt %r has %d tokens; keeping the first %d (text_len=%d).",
-                prompt,
+                "Prompt %d (%r) has %d tokens; keeping the first %d (text_len=%d).",
+                index,
+                prompt if len(prompt) <= 60 else prompt[:57] + "...",
                 len(tokens),
                 text_len - 1,
                 text_len,

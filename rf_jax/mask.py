@@ -16,8 +16,6 @@ position, so packing several examples into one row needs nothing but distinct
 segment ids.
 """
 
-import jax.numpy as jnp
-
 # Modality ids. Padding is any token whose segment id is 0.
 TEXT = 0
 IMAGE = 1  # Encoder tokens of an understanding example.

@@ -16,8 +16,8 @@ hidden state at text position i predicts text token i + 1.
 RoPE positions count only real tokens (`cumsum` of the non-padding mask), so
 left padding at sampling and right padding at training give the same
 positions. All encoder tokens of an image share one position, and so do all
-pixel patches; rep tokens and patches also get a fixed 2-D embedding of
-their grid cell.
+pixel patches. Rep tokens and pixel patches also get a fixed 2-D embedding
+of their grid cell.
 """
 
 import dataclasses
@@ -111,6 +111,10 @@ def _full(batch, length, value):
     return jnp.full((batch, length), value, jnp.int32)
 
 
+def _append(a, b):
+    return jnp.concatenate([a, b], axis=1)
+
+
 class RFModel(nn.Module):
     """Unified model; each public method is one pure function of the parameters."""
 
@@ -188,6 +192,30 @@ class RFModel(nn.Module):
 
     # Training forward passes.
 
+    def _prefix(self, text_ids, rep_ids):
+        """Embed `[text] [BOR, rep_ids]` (just the text without rep tokens).
+
+        Returns:
+            (x [batch, len, width], positions, segment ids, modality [batch, len],
+            count [batch] of real text tokens).
+        """
+        cfg = self.config
+        batch, text_len = text_ids.shape
+        positions, segments, count = text_positions(text_ids)
+        x = self.text_embed(text_ids)
+        modality = _full(batch, text_len, mask_lib.TEXT)
+        if not cfg.use_rep_tokens:
+            return x, positions, segments, modality, count
+
+        region = rep_ids.shape[1] + 1
+        bor = jnp.full((batch, 1), cfg.bor_id, jnp.int32)
+        cells = jnp.arange(-1, region - 1, dtype=jnp.int32)
+        x = jnp.concatenate([x, self.embed_rep(jnp.concatenate([bor, rep_ids], axis=1), cells)], 1)
+        positions = _append(positions, count[:, None] + jnp.arange(region, dtype=jnp.int32)[None])
+        segments = _append(segments, _full(batch, region, 1))
+        modality = _append(modality, _full(batch, region, mask_lib.REP))
+        return x, positions, segments, modality, count
+
     def __call__(self, text_ids, rep_ids, z, t, rep_visible):
         """Run one generation batch.
 
@@ -203,31 +231,21 @@ class RFModel(nn.Module):
         """
         cfg = self.config
         batch = text_ids.shape[0]
-        positions, segments, count = text_positions(text_ids)
-        parts = [self.text_embed(text_ids)]
-        pos_parts, seg_parts = [positions], [segments]
-        mod_parts = [_full(batch, cfg.text_len, mask_lib.TEXT)]
+        x, positions, segments, modality, count = self._prefix(text_ids, rep_ids)
 
-        if cfg.use_rep_tokens:
-            bor = jnp.full((batch, 1), cfg.bor_id, jnp.int32)
-            cells = jnp.arange(-1, cfg.num_rep, dtype=jnp.int32)
-            parts.append(self.embed_rep(jnp.concatenate([bor, rep_ids], axis=1), cells))
-            pos_parts.append(count[:, None] + jnp.arange(cfg.rep_region, dtype=jnp.int32)[None])
-            seg_parts.append(_full(batch, cfg.rep_region, 1))
-            mod_parts.append(_full(batch, cfg.rep_region, mask_lib.REP))
-
-        parts.append(self.embed_pixels(z, t))
         pixel_position = count + cfg.rep_region
-        pos_parts.append(jnp.broadcast_to(pixel_position[:, None], (batch, cfg.num_pixels)))
-        seg_parts.append(_full(batch, cfg.num_pixels, 1))
-        mod_parts.append(_full(batch, cfg.num_pixels, mask_lib.PIXEL))
+        x = jnp.concatenate([x, self.embed_pixels(z, t)], axis=1)
+        positions = _append(
+            positions, jnp.broadcast_to(pixel_position[:, None], (batch, cfg.num_pixels))
+        )
+        segments = _append(segments, _full(batch, cfg.num_pixels, 1))
+        modality = _append(modality, _full(batch, cfg.num_pixels, mask_lib.PIXEL))
 
-        cat = lambda xs: jnp.concatenate(xs, axis=1)  # noqa: E731
         hidden, _ = self.backbone(
-            cat(parts),
-            cat(pos_parts),
-            cat(seg_parts),
-            cat(mod_parts),
+            x,
+            positions,
+            segments,
+            modality,
             rep_visible=rep_visible,
             expert_spans=cfg.generation_spans(),
         )
@@ -238,29 +256,33 @@ class RFModel(nn.Module):
         x_hat = self.pixel_head(hidden[:, start + cfg.rep_region :])
         return rep_logits, x_hat
 
+    def _understanding_inputs(self, images, text_ids):
+        """Embed `[image tokens] [text]`; encoder tokens share RoPE position 0.
+
+        Returns:
+            (x [batch, len, width], positions, segment ids, modality [batch, len],
+            count [batch] of real text tokens).
+        """
+        image = self.image_tokens(images)
+        batch, num_image, _ = image.shape
+        positions, segments, count = text_positions(text_ids, offset=1)
+        x = jnp.concatenate([image, self.text_embed(text_ids)], axis=1)
+        positions = _append(_full(batch, num_image, 0), positions)
+        segments = _append(_full(batch, num_image, 1), segments)
+        modality = _append(
+            _full(batch, num_image, mask_lib.IMAGE), _full(batch, text_ids.shape[1], mask_lib.TEXT)
+        )
+        return x, positions, segments, modality, count
+
     def understand(self, images, text_ids):
         """Return text logits [batch, text, vocab] for `[image tokens] [text]` rows.
 
         `text_ids` is right-padded `[BOS, question, answer, EOS]`; logits at i predict i + 1.
         """
-        image = self.image_tokens(images)
-        batch, num_image, _ = image.shape
-        positions, segments, _ = text_positions(text_ids, offset=1)
-        x = jnp.concatenate([image, self.text_embed(text_ids)], axis=1)
-        length = x.shape[1]
-        hidden, _ = self.backbone(
-            x,
-            jnp.concatenate([_full(batch, num_image, 0), positions], axis=1),
-            jnp.concatenate([_full(batch, num_image, 1), segments], axis=1),
-            jnp.concatenate(
-                [
-                    _full(batch, num_image, mask_lib.IMAGE),
-                    _full(batch, text_ids.shape[1], mask_lib.TEXT),
-                ],
-                axis=1,
-            ),
-            expert_spans=((0, length, mask_lib.UNDERSTANDING_EXPERT),),
-        )
+        x, positions, segments, modality, _ = self._understanding_inputs(images, text_ids)
+        spans = ((0, x.shape[1], mask_lib.UNDERSTANDING_EXPERT),)
+        hidden, _ = self.backbone(x, positions, segments, modality, expert_spans=spans)
+        num_image = self.config.num_image_tokens
         return self._text_logits(hidden[:, num_image:])
 
     def initialize(self, text_ids, rep_ids, z, t, rep_visible, und_images, und_text):
@@ -274,31 +296,12 @@ class RFModel(nn.Module):
     def prefill_generation(self, text_ids, cache):
         """Prefill `[text] [BOR]`; return (logits of rep_1 [batch, K] or None, cache)."""
         cfg = self.config
-        batch = text_ids.shape[0]
-        positions, segments, count = text_positions(text_ids)
-        x, pos, seg, mod = (
-            [self.text_embed(text_ids)],
-            [positions],
-            [segments],
-            [_full(batch, cfg.text_len, mask_lib.TEXT)],
-        )
-        spans = [(0, cfg.text_len, mask_lib.UNDERSTANDING_EXPERT)]
-        if cfg.use_rep_tokens:
-            bor = jnp.full((batch, 1), cfg.bor_id, jnp.int32)
-            x.append(self.embed_rep(bor, jnp.array([-1], jnp.int32)))
-            pos.append(count[:, None])
-            seg.append(_full(batch, 1, 1))
-            mod.append(_full(batch, 1, mask_lib.REP))
-            spans.append((cfg.text_len, cfg.text_len + 1, mask_lib.REP_EXPERT))
-        cat = lambda xs: jnp.concatenate(xs, axis=1)  # noqa: E731
+        rep_ids = jnp.zeros((text_ids.shape[0], 0), jnp.int32)
+        x, positions, segments, modality, count = self._prefix(text_ids, rep_ids)
+        spans = cfg.generation_spans()[:2] if cfg.use_rep_tokens else cfg.generation_spans()[:1]
+        spans = tuple((start, min(stop, x.shape[1]), expert) for start, stop, expert in spans)
         hidden, cache = self.backbone(
-            cat(x),
-            cat(pos),
-            cat(seg),
-            cat(mod),
-            expert_spans=tuple(spans),
-            cache=cache,
-            mode=APPEND,
+            x, positions, segments, modality, expert_spans=spans, cache=cache, mode=APPEND
         )
         cache = cache.replace(next_position=count + (1 if cfg.use_rep_tokens else 0))
         logits = self.rep_head(hidden[:, -1]) if cfg.use_rep_tokens else None
@@ -342,24 +345,10 @@ class RFModel(nn.Module):
 
     def prefill_understanding(self, images, prompt_ids, cache):
         """Prefill `[image tokens] [prompt, left-padded]`; return (next-token logits, cache)."""
-        image = self.image_tokens(images)
-        batch, num_image, _ = image.shape
-        positions, segments, count = text_positions(prompt_ids, offset=1)
-        x = jnp.concatenate([image, self.text_embed(prompt_ids)], axis=1)
+        x, positions, segments, modality, count = self._understanding_inputs(images, prompt_ids)
+        spans = ((0, x.shape[1], mask_lib.UNDERSTANDING_EXPERT),)
         hidden, cache = self.backbone(
-            x,
-            jnp.concatenate([_full(batch, num_image, 0), positions], axis=1),
-            jnp.concatenate([_full(batch, num_image, 1), segments], axis=1),
-            jnp.concatenate(
-                [
-                    _full(batch, num_image, mask_lib.IMAGE),
-                    _full(batch, prompt_ids.shape[1], mask_lib.TEXT),
-                ],
-                axis=1,
-            ),
-            expert_spans=((0, x.shape[1], mask_lib.UNDERSTANDING_EXPERT),),
-            cache=cache,
-            mode=APPEND,
+            x, positions, segments, modality, expert_spans=spans, cache=cache, mode=APPEND
         )
         cache = cache.replace(next_position=count + 1)
         return self._text_logits(hidden[:, -1]), cache

@@ -93,7 +93,12 @@ def _fit_sharding(sharding, shape, name):
         if shape[dim] % ways:
             logging.warning(
                 "Replicating dimension %d of %s (size %d): mesh axes %s split it %d ways.",
-                dim, name, shape[dim], names, ways)
+                dim,
+                name,
+                shape[dim],
+                names,
+                ways,
+            )
             spec[dim] = None
     return NamedSharding(sharding.mesh, PartitionSpec(*spec))
 
@@ -121,5 +126,6 @@ def global_batch(local_batch, mesh):
             raise ValueError(
                 f"Batch field {name!r} has {rows} rows, not a multiple of the {ways} data-parallel "
                 "devices (mesh data x fsdp). Choose data.batch_size and data.mixture so that the "
-                "generation and understanding rows each divide evenly.")
+                "generation and understanding rows each divide evenly."
+            )
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)

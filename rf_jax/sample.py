@@ -3,7 +3,7 @@
     python -m rf_jax.sample --workdir workdirs/quickstart --prompt "red apple" --out apple.png
 
 Several --prompt flags give several images, written side by side into one
-PNG. Sampler settings default to the run's config and can be overridden.
+PNG. An empty prompt ("") samples without a text condition. Sampler settings default to the run's config and can be overridden.
 """
 
 from absl import app
@@ -47,9 +47,16 @@ def main(argv):
     if not values.workdir:
         raise app.UsageError("--workdir is required.")
     generate_to_png(
-        values.workdir, values.prompt, values.out, values.seed, values.scale,
-        num_steps=values.num_steps, text_scale=values.text_scale, rep_scale=values.rep_scale,
-        temperature=values.temperature)
+        values.workdir,
+        values.prompt,
+        values.out,
+        values.seed,
+        values.scale,
+        num_steps=values.num_steps,
+        text_scale=values.text_scale,
+        rep_scale=values.rep_scale,
+        temperature=values.temperature,
+    )
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def sample_from_logits(rng, logits, temperature, top_k):
 
 
 def empty_prompt(batch, text_len):
-    """The unconditional prompt `[PAD ... PAD, BOS]`, int32 [batch, text_len]."""
+    """Return the unconditional prompt `[PAD ... PAD, BOS]`, int32 [batch, text_len]."""
     prompt = jnp.full((batch, text_len), PAD_ID, jnp.int32)
     return prompt.at[:, -1].set(BOS_ID)
 
@@ -93,7 +93,7 @@ def _take_rows(cache, rows):
 
 
 def empty_cache(model_config, batch, size):
-    """An empty KV cache of `size` slots for `batch` rows."""
+    """Create an empty KV cache of `size` slots for `batch` rows."""
     b = model_config.backbone
     return KVCache.empty(b.depth, batch, size, b.num_kv_heads, b.head_dim, b.dtype)
 

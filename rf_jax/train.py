@@ -32,6 +32,7 @@ from rf_jax.data import build as data_build
 from rf_jax.data import pipeline
 from rf_jax.inference import Generator, write_captions
 
+
 def prepare_data(config, workdir):
     """Build the data set if needed; copy its tokenizer into the workdir and return it."""
     data_config = config.data
@@ -79,6 +80,9 @@ def log_metrics(writer, step, history, seconds, batch_size):
 
 def train_and_evaluate(config, workdir):
     """Run the whole job: data, model, resume, train loop, samples and captions."""
+    # Check the config and the mesh before anything is built or written.
+    configs.model_config(config, config.data.vocab_size)
+    mesh = partitioning.create_mesh(config.mesh)
     os.makedirs(workdir, exist_ok=True)
     if not config.data.dir:
         with config.unlocked():
@@ -94,9 +98,8 @@ def train_and_evaluate(config, workdir):
         config.data, tokenizer, process_index=jax.process_index(), process_count=jax.process_count()
     )
 
-    # Model, mesh and sharded train state.
+    # Model and sharded train state.
     model_config = configs.model_config(config, tokenizer.vocab_size)
-    mesh = partitioning.create_mesh(config.mesh)
     total_steps = config.train.steps
     trainer = trainer_lib.Trainer(config, model_config, mesh, total_steps)
     abstract_state, state_shardings = trainer.abstract_state()
@@ -179,8 +182,10 @@ def _define_flags():
     config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
     flags.DEFINE_bool(
-        "distributed", False,
-        "Call jax.distributed.initialize() first: set it on every host of a multi-host run.")
+        "distributed",
+        False,
+        "Call jax.distributed.initialize() first: set it on every host of a multi-host run.",
+    )
 
 
 def main(argv):
@@ -203,8 +208,9 @@ def parse_flags(argv):
         sys.exit(f"{error}\nPass --helpfull to see the flags.")
     except (AttributeError, KeyError) as error:
         overrides = [arg for arg in argv if arg.startswith("--config.")]
+        field = str(error).strip("\"'")
         sys.exit(
-            f"Invalid config override among {overrides}: the config has no field {error}. "
+            f"Invalid config override among {overrides}: the config has no field '{field}'. "
             "Check the name against the experiment file passed to --config."
         )
 

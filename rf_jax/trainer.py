@@ -100,6 +100,10 @@ class Trainer:
         codebook = codebook_lib.init_codebook(
             codebook_key, self.model_config.codebook_size, self.model_config.encoder.width
         )
+        codebook = codebook.replace(
+            prototypes=nn.LogicallyPartitioned(codebook.prototypes, ("codebook", "enc_embed")),
+            usage=nn.LogicallyPartitioned(codebook.usage, ("codebook",)),
+        )
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -166,7 +170,9 @@ class Trainer:
                 usage_decay=cb.usage_decay,
             )
             metrics.update(codebook_metrics)
-        metrics.update(grad_norm=optax.tree_utils.tree_norm(grads), learning_rate=self.schedule(state.step))
+        metrics.update(
+            grad_norm=optax.tree_utils.tree_norm(grads), learning_rate=self.schedule(state.step)
+        )
         new_state = state.replace(
             step=state.step + 1,
             params=params,
