@@ -85,7 +85,7 @@ else
   run gcloud compute tpus tpu-vm create "$name" "${common[@]}" --accelerator-type "$accelerator" --version "$version"
 fi
 
-# Copy the code (tracked files of this checkout) and install it on every worker.
+# Copy the code (the last commit) and install it on every worker.
 if [[ $dry_run -eq 1 ]]; then
   archive=/tmp/rf_jax.tar.gz
 else

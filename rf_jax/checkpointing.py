@@ -35,7 +35,9 @@ def create_manager(workdir, keep=3, save_every=None, asynchronous=True):
     registry.add(STATE, ocp.args.StandardRestore)
     registry.add(DATA, grain.checkpoint.CheckpointSave)
     registry.add(DATA, grain.checkpoint.CheckpointRestore)
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, handler_registry=registry)
+    return ocp.CheckpointManager(
+        checkpoint_dir(workdir), options=options, handler_registry=registry
+    )
 
 
 def save(manager, step, state, data_iterator=None, force=False):

@@ -115,6 +115,9 @@ def default_config():
             sample_every=0,
             num_caption_images=32,
             caption_max_tokens=12,
+            # "error" stops the run naming the step of a non-finite loss or gradient;
+            # "skip" keeps the previous state for that step and counts it.
+            nonfinite="error",
         )
     )
 

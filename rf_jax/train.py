@@ -130,33 +130,40 @@ def train_and_evaluate(config, workdir):
     window_start = time.perf_counter()
 
     logging.info("Training from step %d to %d.", step, total_steps)
-    while step < total_steps:
-        batch = partitioning.global_batch(next(data_iterator), mesh)
-        state, metrics = train_step(state, batch)
-        step += 1
-        history.append(metrics)
-        progress(step)
-        if step % config.train.log_every == 0 or step == total_steps:
-            history = jax.device_get(history)
-            for index, fetched in enumerate(history):
-                trainer_lib.check_finite(fetched, step - len(history) + index + 1)
-            seconds = (time.perf_counter() - window_start) / len(history)
-            scalars = log_metrics(writer, step, history, seconds, config.data.batch_size)
-            logging.info("Step %d: loss %.4f (%.3f s/step).", step, scalars["loss"], seconds)
-            history = []
-            window_start = time.perf_counter()
-        if (
-            config.train.sample_every
-            and step % config.train.sample_every == 0
-            and step < total_steps
-        ):
-            generator.write_grid(
-                state.params, os.path.join(workdir, "samples", f"step_{step:06d}.png"), writer, step
-            )
-        checkpointing.save(manager, step, state, data_iterator, force=step == total_steps)
-
-    manager.wait_until_finished()
-    writer.flush()
+    try:
+        while step < total_steps:
+            batch = partitioning.global_batch(next(data_iterator), mesh)
+            state, metrics = train_step(state, batch)
+            step += 1
+            history.append(metrics)
+            progress(step)
+            # Check the pending metrics before a checkpoint, so no non-finite state is saved.
+            if (
+                step % config.train.log_every == 0
+                or manager.should_save(step)
+                or step == total_steps
+            ):
+                seconds = (time.perf_counter() - window_start) / len(history)
+                history = jax.device_get(history)
+                if config.train.nonfinite == "error":
+                    for index, fetched in enumerate(history):
+                        trainer_lib.check_finite(fetched, step - len(history) + index + 1)
+                scalars = log_metrics(writer, step, history, seconds, config.data.batch_size)
+                logging.info("Step %d: loss %.4f (%.3f s/step).", step, scalars["loss"], seconds)
+                history = []
+                window_start = time.perf_counter()
+            if (
+                config.train.sample_every
+                and step % config.train.sample_every == 0
+                and step < total_steps
+            ):
+                path = os.path.join(workdir, "samples", f"step_{step:06d}.png")
+                generator.write_grid(state.params, path, writer, step)
+            checkpointing.save(manager, step, state, data_iterator, force=step == total_steps)
+    finally:
+        # Let an in-flight save finish, also when the loop raised, so it is not left half written.
+        manager.wait_until_finished()
+        writer.flush()
 
     # Final sample grid and captions of held-out images.
     if jax.process_index() == 0:

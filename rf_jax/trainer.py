@@ -10,6 +10,8 @@ One train step, all inside one `jax.jit` with donated state:
    codebook update, both pure state transitions.
 """
 
+import contextlib
+
 import flax.linen as nn
 import flax.struct
 import jax
@@ -35,6 +37,7 @@ class TrainState:
     ema_encoder: dict
     codebook: codebook_lib.CodebookState
     rng: jax.Array
+    skipped_steps: jax.Array  # Updates skipped for a non-finite loss or gradient.
 
 
 def learning_rate_schedule(optim_cfg, total_steps):
@@ -83,6 +86,10 @@ class Trainer:
     """Holds the static parts of training (model, optimiser, mesh) and builds jitted functions."""
 
     def __init__(self, config, model_config: ModelConfig, mesh, total_steps):
+        if config.train.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(
+                f"train.nonfinite={config.train.nonfinite!r} is not one of {NONFINITE_POLICIES}."
+            )
         self.config = config
         self.model_config = model_config
         self.model = RFModel(model_config)
@@ -111,6 +118,7 @@ class Trainer:
             ema_encoder=params["encoder"],
             codebook=codebook,
             rng=state_key,
+            skipped_steps=jnp.zeros((), jnp.int32),
         )
 
     def abstract_state(self):
@@ -128,7 +136,7 @@ class Trainer:
         """Create the train state directly in its sharded layout."""
         _, shardings = self.abstract_state()
         init = jax.jit(lambda rng: nn.unbox(self._make_state(rng)), out_shardings=shardings)
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+        with self.sharding_context():
             return init(jax.random.key(seed))
 
     def rep_targets(self, ema_encoder, codebook, gen_images):
@@ -170,37 +178,57 @@ class Trainer:
                 usage_decay=cb.usage_decay,
             )
             metrics.update(codebook_metrics)
-        metrics.update(
-            grad_norm=optax.tree_utils.tree_norm(grads), learning_rate=self.schedule(state.step)
-        )
-        new_state = state.replace(
-            step=state.step + 1,
-            params=params,
-            opt_state=opt_state,
-            ema_encoder=ema,
-            codebook=codebook,
-        )
-        return new_state, metrics
+        grad_norm = optax.tree_utils.tree_norm(grads)
+        metrics.update(grad_norm=grad_norm, learning_rate=self.schedule(state.step))
+        updated = dict(params=params, opt_state=opt_state, ema_encoder=ema, codebook=codebook)
+        skipped = state.skipped_steps
+        if cfg.train.nonfinite == "skip":
+            finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+            kept = dict(
+                params=state.params,
+                opt_state=state.opt_state,
+                ema_encoder=state.ema_encoder,
+                codebook=state.codebook,
+            )
+            updated = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, kept)
+            skipped = skipped + (~finite).astype(jnp.int32)
+        metrics["skipped_steps"] = skipped
+        return state.replace(step=state.step + 1, skipped_steps=skipped, **updated), metrics
 
-    def jit_train_step(self, state_shardings):
-        """Return the jitted step (state donated): (state, batch) -> (state, metrics)."""
-        batch_sharding = partitioning.batch_sharding(self.mesh)
-        step = jax.jit(
+    @contextlib.contextmanager
+    def sharding_context(self):
+        """Activate the mesh and the logical-axis rules, for tracing and running."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            yield
+
+    def jitted_train_step(self, state_shardings):
+        """Return the `jax.jit` train step, for lowering ahead of time inside `sharding_context`."""
+        return jax.jit(
             self._train_step,
-            in_shardings=(state_shardings, batch_sharding),
+            in_shardings=(state_shardings, partitioning.batch_sharding(self.mesh)),
             out_shardings=(state_shardings, partitioning.replicated(self.mesh)),
             donate_argnums=0,
         )
 
+    def jit_train_step(self, state_shardings):
+        """Return the jitted step (state donated): (state, batch) -> (state, metrics)."""
+        step = self.jitted_train_step(state_shardings)
+
         def run(state, batch):
-            with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            with self.sharding_context():
                 return step(state, batch)
 
         return run
 
 
+NONFINITE_POLICIES = ("error", "skip")
+
+
 def check_finite(metrics, step):
-    """Raise FloatingPointError naming the step if a loss or the gradient norm is not finite."""
+    """Raise FloatingPointError naming the step if a loss or the gradient norm is not finite.
+
+    Used with `train.nonfinite="error"`; with "skip" the step itself keeps the old state.
+    """
     bad = {
         k: float(v)
         for k, v in metrics.items()

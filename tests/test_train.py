@@ -219,3 +219,41 @@ def test_unknown_config_field_is_rejected(tmp_path):
     assert result.returncode != 0
     assert "no_such_field" in result.stderr
     assert not os.path.exists(tmp_path / "run"), "nothing is written for a bad config"
+
+
+def _nonfinite_trainer(data_dir, policy):
+    config = _config(data_dir)
+    config.loss.fm_weight = float("nan")
+    config.train.nonfinite = policy
+    tokenizer = pipeline.load_tokenizer(config.data)
+    model_config = configs.model_config(config, tokenizer.vocab_size)
+    mesh = partitioning.create_mesh(config.mesh)
+    trainer = trainer_lib.Trainer(config, model_config, mesh, STEPS)
+    batch = partitioning.global_batch(
+        next(pipeline.make_train_iterator(config.data, tokenizer)), mesh
+    )
+    return config, trainer, batch
+
+
+def test_nonfinite_loss_skips_update(data_dir):
+    _, trainer, batch = _nonfinite_trainer(data_dir, "skip")
+    _, shardings = trainer.abstract_state()
+    state = trainer.init_state(0)
+    before = jax.tree.map(np.asarray, state.params)
+    state, metrics = trainer.jit_train_step(shardings)(state, batch)
+    assert int(state.skipped_steps) == 1
+    assert int(state.step) == 1
+    assert not np.isfinite(float(metrics["loss"]))
+    for old, new in zip(jax.tree.leaves(before), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(old, np.asarray(new))
+
+
+def test_nonfinite_loss_stops_run_naming_step(data_dir, tmp_path):
+    config, _, _ = _nonfinite_trainer(data_dir, "error")
+    with pytest.raises(FloatingPointError, match="at step 1:"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_unknown_nonfinite_policy_rejected(data_dir):
+    with pytest.raises(ValueError, match="train.nonfinite='ignore'"):
+        _nonfinite_trainer(data_dir, "ignore")
