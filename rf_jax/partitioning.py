@@ -17,6 +17,9 @@ BATCH_AXES = ("data", "fsdp")
 
 LOGICAL_RULES = (
     # Activations.
+    # NOTE: on a (data 2, fsdp 2, tensor 2) CPU mesh the loss matches one device, but the
+    # gradients of the first layer and the embeddings do not unless this batch constraint
+    # is dropped. Meshes with one or two axes above 1 match (tests/test_sharding.py).
     ("activation_batch", BATCH_AXES),
     ("activation_length", None),
     ("activation_embed", None),
