@@ -14,6 +14,7 @@ import numpy as np
 
 from rf_jax import images as images_lib
 from rf_jax import inference
+from rf_jax.logs import quiet_library_logs
 
 
 def caption_files(workdir, paths, question="", max_tokens=16):
@@ -37,6 +38,7 @@ def _define_flags():
 
 
 def main(argv):
+    quiet_library_logs()
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     values = flags.FLAGS

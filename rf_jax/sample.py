@@ -12,6 +12,7 @@ from absl import logging
 
 from rf_jax import images as images_lib
 from rf_jax import inference
+from rf_jax.logs import quiet_library_logs
 
 
 def generate_to_png(workdir, prompts, out, seed=0, scale=4, **sampler_overrides):
@@ -41,6 +42,7 @@ def _define_flags():
 
 
 def main(argv):
+    quiet_library_logs()
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     values = flags.FLAGS

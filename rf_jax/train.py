@@ -9,7 +9,6 @@ the fixed prompts, the final `samples.png`, `captions.txt` for held-out
 images, `config.json` and `tokenizer.model`.
 """
 
-import logging as pylogging
 import os
 import shutil
 import sys
@@ -25,6 +24,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from rf_jax import checkpointing
+from rf_jax.logs import quiet_library_logs
 from rf_jax import configs
 from rf_jax import partitioning
 from rf_jax import trainer as trainer_lib
@@ -176,14 +176,6 @@ def train_and_evaluate(config, workdir):
     return state
 
 
-class _QuietLibraries(pylogging.Filter):
-    """Drop INFO records of Orbax and Grain, which log every step of every save."""
-
-    def filter(self, record):
-        noisy = ("/orbax/" in record.pathname) or ("/grain/" in record.pathname)
-        return record.levelno >= pylogging.WARNING or not noisy
-
-
 def _define_flags():
     """Define the command-line flags (only when run as a program, so imports never clash)."""
     config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -196,7 +188,7 @@ def _define_flags():
 
 
 def main(argv):
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    quiet_library_logs()
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     values = flags.FLAGS
