@@ -142,6 +142,7 @@ def test_tokenizer_deterministic(tmp_path):
     second = tokenizer_lib.train_tokenizer(texts, str(tmp_path / "b.model"), 40)
     assert (tmp_path / "a.model").read_bytes() == (tmp_path / "b.model").read_bytes()
     assert first.vocab_size <= 40
+    assert second.encode("red apple") == first.encode("red apple")
 
 
 def test_tokenizer_vocab_too_small(tmp_path):

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts", "mesh_step.py")
 # Sharded sums add the same float32 terms in another order: about 1e-6 seen, 1e-5 allowed.
@@ -21,10 +22,16 @@ def _run(meshes):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_data_and_fsdp_meshes_match_one_device():
-    runs = _run(["1x1x1", "8x1x1", "2x4x1", "1x4x2"])
-    reference = runs.pop("1x1x1")
-    for mesh, run in runs.items():
+@pytest.fixture(scope="module")
+def runs():
+    """Results of one step on each mesh, from a single subprocess."""
+    return _run(["1x1x1", "8x1x1", "2x4x1", "1x4x2", "2x2x2"])
+
+
+def test_data_and_fsdp_meshes_match_one_device(runs):
+    reference = runs["1x1x1"]
+    for mesh in ("8x1x1", "2x4x1", "1x4x2"):
+        run = runs[mesh]
         np.testing.assert_allclose(run["loss"], reference["loss"], atol=ATOL, err_msg=mesh)
         for name, grad in reference["grads"].items():
             np.testing.assert_allclose(
@@ -35,8 +42,8 @@ def test_data_and_fsdp_meshes_match_one_device():
         )
 
 
-def test_parameters_follow_logical_rules():
-    specs = _run(["2x2x2"])["2x2x2"]["specs"]
+def test_parameters_follow_logical_rules(runs):
+    specs = runs["2x2x2"]["specs"]
     assert specs["backbone/layers_0/attn/q_proj/kernel"] == ["fsdp", "tensor"]
     assert specs["backbone/layers_0/attn/o_proj/kernel"] == ["tensor", "fsdp"]
     assert specs["backbone/layers_0/expert_2/mlp/down_proj/kernel"] == ["tensor", "fsdp"]
