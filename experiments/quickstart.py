@@ -10,7 +10,7 @@ and flow-matching terms) averages about 12 over the first 50 steps and about
 2.4 over the last 50. `samples.png` shows emoji-like images for the fixed
 prompts: white backgrounds, dark outlines, round yellow faces and the colours
 of the prompt, but blocky 4x4-pixel patches and no recognisable objects yet.
-`captions.txt` holds captions of held-out emoji; about 15% match exactly.
+`captions.txt` contains captions of held-out emoji, and about 15% match exactly.
 
 The argument `runlocal` shrinks the run to a 1-minute smoke test:
 `--config experiments/quickstart.py:runlocal`.

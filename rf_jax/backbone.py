@@ -4,9 +4,9 @@ Every token shares the self-attention of each layer (Qwen2 style: RMSNorm,
 grouped-query attention with q/k/v biases, 1-D RoPE). Each token's
 feed-forward expert is fixed by its modality: understanding (text and encoder
 tokens), representation prediction (rep tokens) or pixel generation (pixel
-patches). Routing is static, so an expert runs on its own tokens only: the
-caller names contiguous spans of the row for each expert (`expert_spans`), or,
-for packed rows without a fixed layout, every expert runs on all tokens and
+patches). Routing is static, so an expert runs on its own tokens only. The
+caller names contiguous spans of the row for each expert (`expert_spans`).
+For packed rows without a fixed layout, every expert runs on all tokens and
 the result is selected by modality.
 
 The KV cache is an explicit pytree threaded through the calls, so prefill,

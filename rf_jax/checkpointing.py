@@ -22,7 +22,7 @@ def checkpoint_dir(workdir):
 
 
 def create_manager(workdir, keep=3, save_every=None, asynchronous=True):
-    """A CheckpointManager over `workdir/checkpoints` holding the train state and data state."""
+    """Create a CheckpointManager over `workdir/checkpoints` for the train state and data state."""
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         save_interval_steps=save_every or 1,
@@ -51,7 +51,7 @@ def save(manager, step, state, data_iterator=None, force=False):
 def restore(manager, abstract_state, data_iterator=None, step=None):
     """Restore the latest (or given) step into `abstract_state`'s shapes and shardings.
 
-    Returns (step, state), or (None, None) when the directory holds no checkpoint.
+    Returns (step, state), or (None, None) when the directory contains no checkpoint.
     Raises ValueError listing the mismatched arrays when the checkpoint does not
     fit the configured model.
     """

@@ -14,8 +14,8 @@ from rf_jax.backbone import Backbone, BackboneConfig
 from rf_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from rf_jax.model import RFModel
 
-# Cached and full passes sum the same terms in a different order (the cache has
-# empty slots and shorter rows); float32 rounding stays far below 1e-4.
+# Cached and full passes sum the same terms in a different order, because the cache
+# has empty slots and shorter rows. Float32 rounding stays far below 1e-4.
 PARITY_ATOL = 1e-4
 
 
