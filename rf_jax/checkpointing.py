@@ -17,8 +17,14 @@ STATE = "state"
 DATA = "data"
 
 
+def _absolute(path):
+    """An absolute local path; a bucket path (gs://...) is kept as it is."""
+    path = str(path)
+    return path if "://" in path else os.path.abspath(path)
+
+
 def checkpoint_dir(workdir):
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+    return os.path.join(_absolute(workdir), "checkpoints")
 
 
 def create_manager(workdir, keep=3, save_every=None, asynchronous=True):
@@ -78,8 +84,11 @@ def restore(manager, abstract_state, data_iterator=None, step=None):
     return step, restored[STATE]
 
 
-def describe_mismatch(manager, step, abstract_state):
-    """List the arrays whose shapes differ between a checkpoint and the target state."""
+def describe_mismatch(manager, step, abstract_state, only_wanted=False):
+    """List the arrays whose shapes differ between a checkpoint and the target state.
+
+    With `only_wanted`, arrays of the checkpoint outside `abstract_state` are ignored.
+    """
     try:
         metadata = manager.item_metadata(step)[STATE]
     except Exception as error:  # Metadata is best effort; the caller still raises.  # noqa: BLE001
@@ -95,7 +104,8 @@ def describe_mismatch(manager, step, abstract_state):
         for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]
     }
     lines = []
-    for name in sorted(set(saved) | set(wanted)):
+    names = set(wanted) if only_wanted else set(saved) | set(wanted)
+    for name in sorted(names):
         if saved.get(name) != wanted.get(name):
             lines.append(
                 f"{name}: checkpoint {saved.get(name, 'missing')}, "
@@ -109,3 +119,56 @@ def _stored_shape(leaf):
     if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
         return tuple(jax.eval_shape(jax.random.key_data, leaf).shape)
     return tuple(leaf.shape)
+
+
+def restore_parts(workdir, abstract_parts, step=None):
+    """Restore some top-level entries of another run's train state, e.g. a previous stage's.
+
+    Args:
+        workdir: the --workdir of the earlier run (or its `checkpoints/` directory).
+        abstract_parts: {name: abstract subtree} with shapes, dtypes and shardings,
+            for names of `TrainState` fields such as `params` or `codebook`.
+        step: the step to read; the latest one if None.
+
+    Returns:
+        (step, {name: restored subtree}).
+
+    Raises:
+        FileNotFoundError: the directory holds no checkpoint.
+        ValueError: the checkpoint's arrays do not fit `abstract_parts` (listed).
+    """
+    directory = _absolute(workdir)
+    if os.path.basename(directory.rstrip("/")) != "checkpoints":
+        directory = checkpoint_dir(directory)
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    registry.add(STATE, ocp.args.PyTreeRestore)
+    options = ocp.CheckpointManagerOptions(read_only=True)
+    manager = ocp.CheckpointManager(directory, options=options, handler_registry=registry)
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(
+                f"No checkpoint under {directory}: train the earlier stage first, or fix "
+                "train.init_from."
+            )
+        mismatches = describe_mismatch(manager, step, abstract_parts, only_wanted=True)
+        if mismatches:
+            raise ValueError(
+                f"Checkpoint step {step} under {directory} does not fit this config: "
+                f"{mismatches}. The stages must share the model shape, vocabulary and "
+                "codebook size."
+            )
+        restore_args = jax.tree.map(
+            lambda leaf: ocp.ArrayRestoreArgs(
+                sharding=leaf.sharding, global_shape=leaf.shape, dtype=leaf.dtype
+            ),
+            abstract_parts,
+        )
+        args = ocp.args.PyTreeRestore(
+            item=abstract_parts, restore_args=restore_args, partial_restore=True
+        )
+        restored = manager.restore(step, args=ocp.args.Composite(**{STATE: args}))
+    finally:
+        manager.close()
+    logging.info("Restored %s of step %d from %s.", sorted(abstract_parts), step, directory)
+    return step, restored[STATE]

@@ -28,7 +28,10 @@ def default_config():
             text_len=text_len,
             pixel_patch=4,
             pixel_bottleneck=32,
-            use_rep_tokens=True,
+            # "pixel_rf" (the method), or an ablation: "pixel", "repa", "continuous".
+            variant="pixel_rf",
+            repa_depth=1,
+            repa_mlp_dim=512,
             tie_embeddings=False,
             dtype="float32",
             param_dtype="float32",
@@ -84,6 +87,7 @@ def default_config():
             text_weight=1.0,
             rep_weight=1.0,
             fm_weight=1.0,
+            repa_weight=0.5,  # Used by the "repa" variant only.
             noise_scale=1.0,
             t_mu=-0.8,
             t_sigma=0.8,
@@ -102,6 +106,8 @@ def default_config():
             b1=0.9,
             b2=0.95,
             grad_clip=1.0,
+            # Regular expressions over parameter paths ("backbone/layers_0/...") kept frozen.
+            frozen=(),
         )
     )
 
@@ -118,6 +124,9 @@ def default_config():
             # "error" stops the run naming the step of a non-finite loss or gradient;
             # "skip" keeps the previous state for that step and counts it.
             nonfinite="error",
+            # The --workdir of the previous stage: a run without a checkpoint of its own starts
+            # from that stage's parameters, EMA encoder and codebook, with a fresh optimiser.
+            init_from="",
         )
     )
 
@@ -146,6 +155,71 @@ def default_config():
     )
 
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    return config
+
+
+# Stage 1 aligns the new modules to the pretrained language model and encoder:
+# the understanding path (shared attention, understanding expert, text embedding
+# and head) and the encoder stay frozen.
+ALIGNMENT_FROZEN = (
+    r"^encoder/",
+    r"^text_embed/",
+    r"^lm_head/",
+    r"^backbone/layers_\d+/(attn|input_norm|expert_0)/",
+    r"^backbone/final_norm_0/",
+)
+
+
+def full_scale(config, image_size):
+    """Paper-scale shapes: a Qwen2.5-1.5B-shaped backbone and a ViT-L/16 encoder.
+
+    Stages change `image_size` only; no parameter shape depends on it, so a stage
+    loads the previous one's parameters at any resolution.
+    """
+    config.model.image_size = image_size
+    config.model.text_len = 128
+    config.model.pixel_patch = 16
+    config.model.pixel_bottleneck = 128
+    config.model.dtype = "bfloat16"
+    config.model.ema_decay = 0.999
+    config.model.backbone.update(
+        width=1536,
+        depth=28,
+        num_heads=12,
+        num_kv_heads=2,
+        head_dim=128,
+        mlp_dim=8960,
+        rope_theta=1_000_000.0,
+    )
+    config.model.encoder.update(
+        patch_size=16, width=1024, depth=24, num_heads=16, mlp_dim=4096, num_registers=4
+    )
+    config.model.codebook.size = 16384
+    config.data.und_text_len = 256
+    config.mesh.update(data=1, fsdp=-1, tensor=1)
+    config.train.log_every = 100
+    config.train.checkpoint_every = 1000
+    config.train.sample_every = 5000
+    return config
+
+
+def small_scale(config, image_size):
+    """Shapes that train in minutes on a CPU, for trying the stages locally."""
+    config.model.image_size = image_size
+    config.model.text_len = 16
+    config.model.pixel_patch = 4
+    config.model.backbone.update(
+        width=128, depth=2, num_heads=2, num_kv_heads=1, head_dim=64, mlp_dim=256
+    )
+    config.model.encoder.update(patch_size=8, width=128, depth=2, num_heads=2, mlp_dim=256)
+    config.model.codebook.size = 256
+    config.model.ema_decay = 0.995
+    config.data.batch_size = 16
+    config.train.steps = 100
+    config.train.log_every = 20
+    config.train.checkpoint_every = 50
+    config.sample.num_steps = 10
+    config.optim.warmup_steps = 20
     return config
 
 
@@ -190,8 +264,10 @@ def model_config(config, vocab_size):
         codebook_size=m.codebook.size,
         backbone=backbone,
         encoder=encoder,
-        use_rep_tokens=m.use_rep_tokens,
+        variant=m.variant,
         tie_embeddings=m.tie_embeddings,
+        repa_depth=m.repa_depth,
+        repa_mlp_dim=m.repa_mlp_dim,
     )
 
 

@@ -1,8 +1,10 @@
 """Image grids and image files."""
 
+import io
 import os
 
 import numpy as np
+from etils import epath
 from PIL import Image, UnidentifiedImageError
 
 
@@ -25,12 +27,18 @@ def make_grid(images, columns=None, padding=2, background=255):
 
 
 def save_png(image, path, scale=1):
-    """Write a uint8 image [h, w, 3] as PNG, enlarged `scale` times with nearest neighbours."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """Write a uint8 image [h, w, 3] as PNG, enlarged `scale` times with nearest neighbours.
+
+    `path` may be local or on a bucket (gs://...).
+    """
     picture = Image.fromarray(np.asarray(image, np.uint8))
     if scale > 1:
         picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
-    picture.save(path)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    target = epath.Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(buffer.getvalue())
 
 
 def load_image(path, size):

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
 from rf_jax import checkpointing
 from rf_jax import configs
@@ -102,10 +103,10 @@ def write_captions(config, model_config, tokenizer, params, path):
         examples["image"],
         max_tokens=config.train.caption_max_tokens,
     )
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("reference\tgenerated\n")
-        for reference, generated in zip(examples["caption"], captions):
-            f.write(f"{reference}\t{generated}\n")
+    lines = ["reference\tgenerated"] + [
+        f"{reference}\t{generated}" for reference, generated in zip(examples["caption"], captions)
+    ]
+    epath.Path(path).write_text("\n".join(lines) + "\n")
     exact = np.mean([r == g for r, g in zip(examples["caption"], captions)])
     logging.info("Wrote %d captions to %s (exact match %.3f).", len(captions), path, exact)
     return captions

@@ -10,6 +10,16 @@ The hidden state at BOR predicts rep_1, the one at rep_i predicts rep_{i+1};
 pixel hidden states predict the clean patches (x-prediction). Flow time t = 1
 is the clean image and t = 0 is pure noise.
 
+`ModelConfig.variant` selects the method or one of its ablations:
+
+    pixel_rf    the method: discrete rep tokens from the EMA encoder's codebook.
+    pixel       no rep region; the pixels follow the text directly.
+    repa        no rep region; an MLP projector on the pixel hidden states after
+                backbone layer `repa_depth` is aligned to the EMA encoder's patch
+                features (REPA-style auxiliary loss).
+    continuous  the rep region carries the continuous EMA features: the rep
+                positions embed a feature and regress the next one.
+
 An understanding row is `[encoder tokens] [text, right-padded]`, where the
 hidden state at text position i predicts text token i + 1.
 
@@ -31,6 +41,8 @@ from rf_jax.data.tokenizer import PAD_ID
 from rf_jax.encoder import Connector, Encoder, EncoderConfig
 from rf_jax.layers import Dense, sincos_2d, timestep_embedding
 
+VARIANTS = ("pixel_rf", "pixel", "repa", "continuous")
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -44,8 +56,47 @@ class ModelConfig:
     codebook_size: int
     backbone: BackboneConfig
     encoder: EncoderConfig
-    use_rep_tokens: bool = True
+    variant: str = "pixel_rf"
     tie_embeddings: bool = False
+    repa_depth: int = 1  # REPA: backbone layers before the aligned hidden state.
+    repa_mlp_dim: int = 512  # REPA: hidden width of the projector.
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(
+                f"model.variant={self.variant!r} is not one of {VARIANTS}; see rf_jax.model."
+            )
+        if self.variant == "repa":
+            if not 1 <= self.repa_depth <= self.backbone.depth:
+                raise ValueError(
+                    f"model.repa_depth={self.repa_depth} must lie in [1, backbone depth "
+                    f"{self.backbone.depth}]."
+                )
+            if self.pixel_grid % self.rep_grid:
+                raise ValueError(
+                    f"REPA pools the {self.pixel_grid}x{self.pixel_grid} pixel grid onto the "
+                    f"{self.rep_grid}x{self.rep_grid} encoder grid, so the first must be a "
+                    "multiple of the second; change model.pixel_patch or model.encoder.patch_size."
+                )
+
+    @property
+    def use_rep_tokens(self):
+        """Whether generation rows have a rep region (BOR and rep positions)."""
+        return self.variant in ("pixel_rf", "continuous")
+
+    @property
+    def continuous_rep(self):
+        """Whether the rep positions carry continuous EMA features instead of codes."""
+        return self.variant == "continuous"
+
+    @property
+    def uses_codebook(self):
+        return self.variant == "pixel_rf"
+
+    @property
+    def uses_ema_features(self):
+        """Whether the generation loss needs the EMA encoder's features of the images."""
+        return self.variant != "pixel"
 
     @property
     def rep_grid(self):
@@ -154,7 +205,15 @@ class RFModel(nn.Module):
         self.backbone = Backbone(b, name="backbone")
         if not cfg.tie_embeddings:
             self.lm_head = dense(cfg.vocab_size, ("embed", "vocab"), "lm_head", bias=False)
-        self.rep_head = dense(cfg.codebook_size, ("embed", "codebook"), "rep_head", bias=False)
+        if cfg.continuous_rep:
+            # Only the BOR row of rep_embed is used; features enter through rep_in.
+            self.rep_in = dense(b.width, ("enc_embed", "embed"), "rep_in")
+            self.rep_out = dense(cfg.encoder.width, ("embed", "enc_embed"), "rep_out")
+        else:
+            self.rep_head = dense(cfg.codebook_size, ("embed", "codebook"), "rep_head", bias=False)
+        if cfg.variant == "repa":
+            self.repa_fc1 = dense(cfg.repa_mlp_dim, ("embed", "mlp"), "repa_fc1")
+            self.repa_fc2 = dense(cfg.encoder.width, ("mlp", "enc_embed"), "repa_fc2")
         self.pixel_head = dense(cfg.pixel_dim, ("embed", "pixel"), "pixel_head")
 
     # Embeddings.
@@ -171,12 +230,37 @@ class RFModel(nn.Module):
         time = self.time_fc2(nn.silu(self.time_fc1(timestep_embedding(t, cfg.backbone.width))))
         return x + time[:, None, :] + sincos_2d(cfg.pixel_grid, cfg.backbone.width).astype(x.dtype)
 
-    def embed_rep(self, rep_ids, cells):
-        """Embed rep ids [batch, n] whose grid cells are `cells` [n] (-1 for BOR)."""
+    def embed_bor(self, batch):
+        """The BOR embedding, [batch, 1, width]; it gets no grid embedding."""
+        return self.rep_embed(jnp.full((batch, 1), self.config.bor_id, jnp.int32))
+
+    def embed_rep(self, rep, cells):
+        """Embed rep inputs of grid cells `cells` int32 [n].
+
+        `rep` is ids int32 [batch, n], or EMA features [batch, n, enc_width]
+        for the continuous variant.
+        """
         cfg = self.config
-        table = sincos_2d(cfg.rep_grid, cfg.backbone.width)
-        grid = jnp.where((cells >= 0)[:, None], table[jnp.maximum(cells, 0)], 0.0)
-        return self.rep_embed(rep_ids) + grid.astype(self.config.backbone.dtype)
+        x = self.rep_in(rep) if cfg.continuous_rep else self.rep_embed(rep)
+        grid = sincos_2d(cfg.rep_grid, cfg.backbone.width)[cells]
+        return x + grid.astype(cfg.backbone.dtype)
+
+    def rep_output(self, hidden):
+        """Rep prediction from hidden states: logits over the codebook, or the next feature."""
+        return self.rep_out(hidden) if self.config.continuous_rep else self.rep_head(hidden)
+
+    def repa_projection(self, hidden):
+        """Project pixel hidden states [batch, pixels, width] onto the encoder grid.
+
+        The pixel grid is average-pooled onto the coarser encoder grid, then an
+        MLP maps each cell to the encoder width: [batch, rep_grid**2, enc_width].
+        """
+        cfg = self.config
+        batch, _, width = hidden.shape
+        factor = cfg.pixel_grid // cfg.rep_grid
+        grid = hidden.reshape(batch, cfg.rep_grid, factor, cfg.rep_grid, factor, width)
+        pooled = jnp.mean(grid, axis=(2, 4)).reshape(batch, cfg.rep_grid**2, width)
+        return self.repa_fc2(nn.silu(self.repa_fc1(pooled)))
 
     def image_tokens(self, images):
         """Encoder tokens of understanding images, [batch, patches, width]."""
@@ -192,8 +276,11 @@ class RFModel(nn.Module):
 
     # Training forward passes.
 
-    def _prefix(self, text_ids, rep_ids):
-        """Embed `[text] [BOR, rep_ids]` (just the text without rep tokens).
+    def _prefix(self, text_ids, rep):
+        """Embed `[text] [BOR, rep]` (just the text without a rep region).
+
+        `rep` is rep ids [batch, n] or, for the continuous variant, features
+        [batch, n, enc_width]; n may be 0.
 
         Returns:
             (x [batch, len, width], positions, segment ids, modality [batch, len],
@@ -207,31 +294,36 @@ class RFModel(nn.Module):
         if not cfg.use_rep_tokens:
             return x, positions, segments, modality, count
 
-        region = rep_ids.shape[1] + 1
-        bor = jnp.full((batch, 1), cfg.bor_id, jnp.int32)
-        cells = jnp.arange(-1, region - 1, dtype=jnp.int32)
-        x = jnp.concatenate([x, self.embed_rep(jnp.concatenate([bor, rep_ids], axis=1), cells)], 1)
+        region = rep.shape[1] + 1
+        cells = jnp.arange(region - 1, dtype=jnp.int32)
+        x = jnp.concatenate([x, self.embed_bor(batch), self.embed_rep(rep, cells)], axis=1)
         positions = _append(positions, count[:, None] + jnp.arange(region, dtype=jnp.int32)[None])
         segments = _append(segments, _full(batch, region, 1))
         modality = _append(modality, _full(batch, region, mask_lib.REP))
         return x, positions, segments, modality, count
 
-    def __call__(self, text_ids, rep_ids, z, t, rep_visible):
+    def __call__(self, text_ids, rep, z, t, rep_visible):
         """Run one generation batch.
 
         Args:
             text_ids: int32 [batch, text_len], left-padded, starting with BOS.
-            rep_ids: int32 [batch, num_rep] target rep tokens (ignored without rep tokens).
+            rep: teacher-forced rep inputs: ids int32 [batch, num_rep], or EMA
+                features [batch, num_rep, enc_width] for the continuous variant
+                (ignored without a rep region).
             z: [batch, num_pixels, pixel_dim] noisy patches at time t.
             t: float32 [batch] flow time (1 = clean).
             rep_visible: bool [batch]; False drops the rep condition of the pixels.
 
         Returns:
-            (rep_logits [batch, num_rep, codebook_size] or None, x_hat [batch, num_pixels, pixel_dim]).
+            (rep prediction or None, x_hat [batch, num_pixels, pixel_dim]). The rep
+            prediction is logits [batch, num_rep, codebook_size], or next features
+            [batch, num_rep, enc_width] for the continuous variant. The REPA variant
+            also sows its projection [batch, rep_grid**2, enc_width] as
+            `intermediates/repa_projection`.
         """
         cfg = self.config
         batch = text_ids.shape[0]
-        x, positions, segments, modality, count = self._prefix(text_ids, rep_ids)
+        x, positions, segments, modality, count = self._prefix(text_ids, rep)
 
         pixel_position = count + cfg.rep_region
         x = jnp.concatenate([x, self.embed_pixels(z, t)], axis=1)
@@ -241,20 +333,26 @@ class RFModel(nn.Module):
         segments = _append(segments, _full(batch, cfg.num_pixels, 1))
         modality = _append(modality, _full(batch, cfg.num_pixels, mask_lib.PIXEL))
 
-        hidden, _ = self.backbone(
+        repa = cfg.variant == "repa"
+        outputs = self.backbone(
             x,
             positions,
             segments,
             modality,
             rep_visible=rep_visible,
             expert_spans=cfg.generation_spans(),
+            capture_layer=cfg.repa_depth if repa else None,
         )
+        hidden = outputs[0]
         start = cfg.text_len
-        rep_logits = None
+        pixel_start = start + cfg.rep_region
+        if repa:
+            captured = outputs[2][:, pixel_start:]
+            self.sow("intermediates", "repa_projection", self.repa_projection(captured))
+        rep_prediction = None
         if cfg.use_rep_tokens:
-            rep_logits = self.rep_head(hidden[:, start : start + cfg.num_rep])
-        x_hat = self.pixel_head(hidden[:, start + cfg.rep_region :])
-        return rep_logits, x_hat
+            rep_prediction = self.rep_output(hidden[:, start : start + cfg.num_rep])
+        return rep_prediction, self.pixel_head(hidden[:, pixel_start:])
 
     def _understanding_inputs(self, images, text_ids):
         """Embed `[image tokens] [text]`; encoder tokens share RoPE position 0.
@@ -285,32 +383,38 @@ class RFModel(nn.Module):
         num_image = self.config.num_image_tokens
         return self._text_logits(hidden[:, num_image:])
 
-    def initialize(self, text_ids, rep_ids, z, t, rep_visible, und_images, und_text):
+    def initialize(self, text_ids, rep, z, t, rep_visible, und_images, und_text):
         """Touch every parameter (used only by `init`)."""
-        self(text_ids, rep_ids, z, t, rep_visible)
+        self(text_ids, rep, z, t, rep_visible)
         self.encode(und_images)
         return self.understand(und_images, und_text)
 
     # Cached inference.
 
     def prefill_generation(self, text_ids, cache):
-        """Prefill `[text] [BOR]`; return (logits of rep_1 [batch, K] or None, cache)."""
+        """Prefill `[text] [BOR]`; return (the first rep prediction [batch, ...] or None, cache)."""
         cfg = self.config
-        rep_ids = jnp.zeros((text_ids.shape[0], 0), jnp.int32)
-        x, positions, segments, modality, count = self._prefix(text_ids, rep_ids)
+        empty = jnp.zeros((text_ids.shape[0], 0, cfg.encoder.width), jnp.float32)
+        if not cfg.continuous_rep:
+            empty = jnp.zeros((text_ids.shape[0], 0), jnp.int32)
+        x, positions, segments, modality, count = self._prefix(text_ids, empty)
         spans = cfg.generation_spans()[:2] if cfg.use_rep_tokens else cfg.generation_spans()[:1]
         spans = tuple((start, min(stop, x.shape[1]), expert) for start, stop, expert in spans)
         hidden, cache = self.backbone(
             x, positions, segments, modality, expert_spans=spans, cache=cache, mode=APPEND
         )
         cache = cache.replace(next_position=count + (1 if cfg.use_rep_tokens else 0))
-        logits = self.rep_head(hidden[:, -1]) if cfg.use_rep_tokens else None
-        return logits, cache
+        prediction = self.rep_output(hidden[:, -1]) if cfg.use_rep_tokens else None
+        return prediction, cache
 
-    def decode_rep(self, rep_ids, cell, cache):
-        """Append rep tokens [batch] for grid cell `cell`; return (next logits [batch, K], cache)."""
-        batch = rep_ids.shape[0]
-        x = self.embed_rep(rep_ids[:, None], jnp.reshape(cell, (1,)))
+    def decode_rep(self, rep, cell, cache):
+        """Append the rep inputs of grid cell `cell` and predict the next one.
+
+        `rep` is ids int32 [batch] (or features [batch, enc_width] for the
+        continuous variant). Returns (logits [batch, K] or features, cache).
+        """
+        batch = rep.shape[0]
+        x = self.embed_rep(rep[:, None], jnp.reshape(cell, (1,)))
         hidden, cache = self.backbone(
             x,
             cache.next_position[:, None],
@@ -321,7 +425,7 @@ class RFModel(nn.Module):
             mode=APPEND,
         )
         cache = cache.replace(next_position=cache.next_position + 1)
-        return self.rep_head(hidden[:, 0]), cache
+        return self.rep_output(hidden[:, 0]), cache
 
     def denoise(self, z, t, cache, rep_visible):
         """Predict clean patches x_hat from z [batch, patches, p*p*3] at times t [batch].

@@ -1,11 +1,14 @@
 """Training objectives: text and rep cross-entropy, flow matching, CFG dropout.
 
-Total loss: L = w_text * L_text + w_rep * L_rep + w_fm * L_fm.
+Total loss: L = w_text * L_text + w_rep * L_rep + w_fm * L_fm (+ w_repa * L_repa).
 - L_text: next-token cross-entropy on target text (answers and captions of
   understanding rows, marked by the loss mask), averaged over target tokens.
 - L_rep: next-token cross-entropy on the rep tokens, teacher-forced with the
-  EMA encoder's tokens.
+  EMA encoder's tokens. The continuous variant instead regresses the next EMA
+  feature (mean squared error per feature dimension).
 - L_fm: the velocity loss of `rf_jax.flow` (t = 1 is clean).
+- L_repa (REPA variant only): negative cosine similarity between the projected
+  pixel hidden states and the EMA encoder's patch features.
 """
 
 import jax
@@ -49,12 +52,33 @@ def masked_cross_entropy(logits, targets, weights):
     return jnp.sum(loss * weights) / total, jnp.sum(correct * weights) / total
 
 
-def generation_loss(model: RFModel, params, batch, rep_targets, rng, loss_cfg):
-    """Rep cross-entropy and flow matching on the generation rows.
+def rep_loss(model: RFModel, rep_prediction, targets):
+    """Rep-region loss and metrics: cross-entropy on codes, or feature regression."""
+    if model.config.continuous_rep:
+        features = targets["features"]
+        loss = jnp.mean(jnp.square(rep_prediction.astype(jnp.float32) - features))
+        return loss, {"loss_rep": loss}
+    tokens = targets["tokens"]
+    loss, accuracy = masked_cross_entropy(
+        rep_prediction, tokens, jnp.ones(tokens.shape, jnp.float32)
+    )
+    return loss, {"loss_rep": loss, "rep_accuracy": accuracy}
+
+
+def negative_cosine(prediction, target):
+    """Mean of -cos(prediction, target) over [batch, n, dim] rows."""
+    prediction = prediction.astype(jnp.float32)
+    norms = jnp.linalg.norm(prediction, axis=-1) * jnp.linalg.norm(target, axis=-1)
+    return -jnp.mean(jnp.sum(prediction * target, axis=-1) / jnp.maximum(norms, 1e-6))
+
+
+def generation_loss(model: RFModel, params, batch, targets, rng, loss_cfg):
+    """Rep and flow-matching losses (and REPA's alignment) on the generation rows.
 
     Args:
         batch: dict with `gen_text` int32 [batch, text_len] and `gen_image` uint8.
-        rep_targets: int32 [batch, num_rep] tokens of the EMA encoder.
+        targets: from `Trainer.rep_targets`: `tokens` int32 [batch, num_rep] and
+            `features` [batch, num_rep, enc_width] of the EMA encoder.
         loss_cfg: `config.loss`.
 
     Returns:
@@ -70,16 +94,22 @@ def generation_loss(model: RFModel, params, batch, rep_targets, rng, loss_cfg):
     noise = loss_cfg.noise_scale * jax.random.normal(noise_key, x.shape, jnp.float32)
     z = flow.noisy_inputs(x, t, noise)
 
-    rep_logits, x_hat = model.apply({"params": params}, text_ids, rep_targets, z, t, rep_visible)
+    rep_inputs = targets["features"] if cfg.continuous_rep else targets["tokens"]
+    (rep_prediction, x_hat), sown = model.apply(
+        {"params": params}, text_ids, rep_inputs, z, t, rep_visible, mutable=["intermediates"]
+    )
     fm = flow.flow_matching_loss(x_hat, x, z, t, loss_cfg.t_clip)
     metrics = {"loss_fm": fm, "x_mse": jnp.mean(jnp.square(x_hat.astype(jnp.float32) - x))}
     total = loss_cfg.fm_weight * fm
-    if rep_logits is not None:
-        rep_loss, rep_accuracy = masked_cross_entropy(
-            rep_logits, rep_targets, jnp.ones(rep_targets.shape, jnp.float32)
-        )
-        metrics.update(loss_rep=rep_loss, rep_accuracy=rep_accuracy)
-        total = total + loss_cfg.rep_weight * rep_loss
+    if rep_prediction is not None:
+        loss, rep_metrics = rep_loss(model, rep_prediction, targets)
+        metrics.update(rep_metrics)
+        total = total + loss_cfg.rep_weight * loss
+    if cfg.variant == "repa":
+        (projection,) = sown["intermediates"]["repa_projection"]
+        repa = negative_cosine(projection, targets["features"])
+        metrics["loss_repa"] = repa
+        total = total + loss_cfg.repa_weight * repa
     return total, metrics
 
 
@@ -93,12 +123,12 @@ def understanding_loss(model: RFModel, params, batch, loss_cfg):
     return loss_cfg.text_weight * loss, {"loss_text": loss, "text_accuracy": accuracy}
 
 
-def total_loss(model, params, batch, rep_targets, rng, loss_cfg):
+def total_loss(model, params, batch, targets, rng, loss_cfg):
     """Sum the generation and understanding losses present in the batch."""
     loss = jnp.zeros((), jnp.float32)
     metrics = {}
     if batch["gen_text"].shape[0]:
-        gen, gen_metrics = generation_loss(model, params, batch, rep_targets, rng, loss_cfg)
+        gen, gen_metrics = generation_loss(model, params, batch, targets, rng, loss_cfg)
         loss, metrics = loss + gen, {**metrics, **gen_metrics}
     if batch["und_text"].shape[0]:
         und, und_metrics = understanding_loss(model, params, batch, loss_cfg)

@@ -103,26 +103,34 @@ def to_uint8(images):
     return jnp.round((jnp.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)
 
 
-def _generate_rep_tokens(model, params, cache, first_logits, rng, cfg, batch, guided):
-    """Sample the rep tokens with the cache; return (tokens [batch, R], cache)."""
+def _generate_rep_tokens(model, params, cache, first_prediction, rng, cfg, batch, guided):
+    """Sample the rep region with the cache; return (rep [batch, R] or [batch, R, D], cache).
+
+    Discrete rep tokens are sampled from the logits (guided by `rep_logits_scale`);
+    the continuous variant feeds back its (guided) feature predictions.
+    """
     num_rep = model.config.num_rep
+    continuous = model.config.continuous_rep
 
     def step(carry, cell):
-        cache, logits, rng = carry
+        cache, prediction, rng = carry
         rng, key = jax.random.split(rng)
         if guided:
-            cond, uncond = logits[:batch], logits[batch:]
-            logits = uncond + cfg.rep_logits_scale * (cond - uncond)
-        tokens = sample_from_logits(key, logits, cfg.temperature, cfg.top_k)
-        feed = jnp.concatenate([tokens, tokens]) if guided else tokens
-        logits, cache = model.apply(
+            cond, uncond = prediction[:batch], prediction[batch:]
+            prediction = uncond + cfg.rep_logits_scale * (cond - uncond)
+        if continuous:
+            rep = prediction.astype(jnp.float32)
+        else:
+            rep = sample_from_logits(key, prediction, cfg.temperature, cfg.top_k)
+        feed = jnp.concatenate([rep, rep]) if guided else rep
+        prediction, cache = model.apply(
             {"params": params}, feed, cell, cache, method=RFModel.decode_rep
         )
-        return (cache, logits, rng), tokens
+        return (cache, prediction, rng), rep
 
     cells = jnp.arange(num_rep, dtype=jnp.int32)
-    (cache, _, _), tokens = jax.lax.scan(step, (cache, first_logits, rng), cells)
-    return tokens.T, cache
+    (cache, _, _), rep = jax.lax.scan(step, (cache, first_prediction, rng), cells)
+    return jnp.moveaxis(rep, 0, 1), cache
 
 
 def _guided_denoiser(model, params, cache, cfg, batch, use_text, use_rep):
@@ -162,7 +170,8 @@ def text_to_image(model, params, prompt_ids, rng, cfg: SamplerConfig):
     """Generate images for left-padded prompts int32 [batch, text_len].
 
     Returns:
-        {"images": uint8 [batch, H, W, 3], "rep_tokens": int32 [batch, R]}.
+        {"images": uint8 [batch, H, W, 3], "rep_tokens": int32 [batch, R]}; for the
+        continuous variant `rep_tokens` holds the fed-back features [batch, R, enc_width].
     """
     mcfg = model.config
     batch = prompt_ids.shape[0]

@@ -10,7 +10,6 @@ images, `config.json` and `tokenizer.model`.
 """
 
 import os
-import shutil
 import sys
 import time
 
@@ -19,6 +18,7 @@ from absl import flags
 from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
+from etils import epath
 import jax
 import numpy as np
 from ml_collections import config_flags
@@ -32,6 +32,9 @@ from rf_jax.data import build as data_build
 from rf_jax.data import pipeline
 from rf_jax.inference import Generator, write_captions
 
+# What a stage takes over from the previous one.
+STAGE_CARRIED = ("params", "ema_encoder", "codebook")
+
 
 def prepare_data(config, workdir):
     """Build the data set if needed; copy its tokenizer into the workdir and return it."""
@@ -44,14 +47,13 @@ def prepare_data(config, workdir):
         allow_download=data_config.allow_download,
     )
     tokenizer_path = os.path.join(pipeline.dataset_dir(data_config), manifest.tokenizer_file)
-    shutil.copyfile(tokenizer_path, os.path.join(workdir, "tokenizer.model"))
+    (epath.Path(workdir) / "tokenizer.model").write_bytes(epath.Path(tokenizer_path).read_bytes())
     return pipeline.load_tokenizer(data_config)
 
 
 def save_run_config(config, workdir):
     """Write the resolved config next to the checkpoints, for sampling and captioning."""
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
 
 
 def flat_hparams(config):
@@ -78,12 +80,32 @@ def log_metrics(writer, step, history, seconds, batch_size):
     return scalars
 
 
+def start_from_previous_stage(trainer, abstract_state, config):
+    """Fresh train state carrying the previous stage's parameters, EMA encoder and codebook.
+
+    The optimiser state, step, PRNG state and data iterator start anew. Image size
+    changes need no conversion: the 2-D position tables and the encoder's 2-D RoPE
+    are computed for the configured grid, and no parameter shape depends on it.
+    """
+    parts = {name: getattr(abstract_state, name) for name in STAGE_CARRIED}
+    found, restored = checkpointing.restore_parts(config.train.init_from, parts)
+    logging.info(
+        "Starting from step %d of the previous stage in %s: %s carried over; fresh optimiser, "
+        "step counter and data iterator.",
+        found,
+        config.train.init_from,
+        ", ".join(STAGE_CARRIED),
+    )
+    return trainer.init_state(config.train.seed).replace(**restored)
+
+
 def train_and_evaluate(config, workdir):
     """Run the whole job: data, model, resume, train loop, samples and captions."""
     # Check the config and the mesh before anything is built or written.
     configs.model_config(config, config.data.vocab_size)
     mesh = partitioning.create_mesh(config.mesh)
-    os.makedirs(workdir, exist_ok=True)
+    # The workdir may be local or on a bucket (gs://...), as with launch/tpu_pod.sh.
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     if not config.data.dir:
         with config.unlocked():
             config.data.dir = data_build.default_data_dir()
@@ -106,17 +128,21 @@ def train_and_evaluate(config, workdir):
     param_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
     logging.info("Model: %.2fM parameters, mesh %s.", param_count / 1e6, dict(mesh.shape))
 
-    # Resume from the workdir, or start fresh.
+    # Start-up: this run's checkpoint, else the previous stage's, else fresh initialisation.
     manager = checkpointing.create_manager(
         workdir, config.train.keep_checkpoints, config.train.checkpoint_every
     )
     step, state = checkpointing.restore(manager, abstract_state, data_iterator)
-    if state is None:
-        logging.info("No checkpoint in %s: starting from fresh initialisation.", workdir)
-        state = trainer.init_state(config.train.seed)
-        step = 0
-    else:
+    if state is not None:
         logging.info("Resuming from the checkpoint of step %d in %s.", step, workdir)
+    elif config.train.init_from:
+        state, step = start_from_previous_stage(trainer, abstract_state, config), 0
+    else:
+        logging.info(
+            "No checkpoint in %s and no train.init_from: starting from fresh initialisation.",
+            workdir,
+        )
+        state, step = trainer.init_state(config.train.seed), 0
 
     # Train step, writers and periodic actions.
     train_step = trainer.jit_train_step(state_shardings)

@@ -11,6 +11,7 @@ One train step, all inside one `jax.jit` with donated state:
 """
 
 import contextlib
+import re
 
 import flax.linen as nn
 import flax.struct
@@ -52,11 +53,41 @@ def learning_rate_schedule(optim_cfg, total_steps):
     )
 
 
+def frozen_labels(params, patterns):
+    """Label each parameter "frozen" if its path ("backbone/layers_0/...") matches a pattern."""
+    compiled = [re.compile(pattern) for pattern in patterns]
+
+    def label(path, _):
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
+        return "frozen" if any(p.search(name) for p in compiled) else "trained"
+
+    # Unboxed, so a logically partitioned parameter gets one label for its whole box.
+    return jax.tree_util.tree_map_with_path(label, nn.unbox(params))
+
+
+def check_frozen_patterns(params, patterns):
+    """Raise ValueError naming a pattern of `optim.frozen` that matches no parameter."""
+    names = [
+        jax.tree_util.keystr(path, simple=True, separator="/")
+        for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
+    ]
+    for pattern in patterns:
+        if not any(re.search(pattern, name) for name in names):
+            raise ValueError(
+                f"optim.frozen pattern {pattern!r} matches no parameter; parameter paths "
+                f"look like {names[0]!r}."
+            )
+
+
 def make_optimizer(optim_cfg, total_steps):
-    """AdamW with global-norm clipping; weight decay on matrices only."""
+    """AdamW with global-norm clipping; weight decay on matrices only.
+
+    Parameters matching a regular expression of `optim_cfg.frozen` get no
+    update and no optimiser state (a stage that aligns new modules to frozen ones).
+    """
     schedule = learning_rate_schedule(optim_cfg, total_steps)
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
-    return optax.chain(
+    adamw = optax.chain(
         optax.clip_by_global_norm(optim_cfg.grad_clip),
         optax.adamw(
             schedule,
@@ -66,6 +97,13 @@ def make_optimizer(optim_cfg, total_steps):
             mask=decay_mask,
         ),
     )
+    patterns = tuple(optim_cfg.get("frozen", ()))
+    if not patterns:
+        return adamw
+    return optax.multi_transform(
+        {"trained": adamw, "frozen": optax.set_to_zero()},
+        lambda params: frozen_labels(params, patterns),
+    )
 
 
 def dummy_inputs(cfg: ModelConfig, und_text_len):
@@ -73,7 +111,11 @@ def dummy_inputs(cfg: ModelConfig, und_text_len):
     batch = 1
     return dict(
         text_ids=jnp.zeros((batch, cfg.text_len), jnp.int32).at[:, -1].set(1),
-        rep_ids=jnp.zeros((batch, cfg.num_rep), jnp.int32),
+        rep=(
+            jnp.zeros((batch, cfg.num_rep, cfg.encoder.width), jnp.float32)
+            if cfg.continuous_rep
+            else jnp.zeros((batch, cfg.num_rep), jnp.int32)
+        ),
         z=jnp.zeros((batch, cfg.num_pixels, cfg.pixel_dim), jnp.float32),
         t=jnp.zeros((batch,), jnp.float32),
         rep_visible=jnp.ones((batch,), bool),
@@ -124,6 +166,7 @@ class Trainer:
     def abstract_state(self):
         """Shapes and dtypes of the train state, with its shardings: (abstract, shardings)."""
         boxed = jax.eval_shape(self._make_state, jax.random.key(0))
+        check_frozen_patterns(nn.unbox(boxed.params), self.config.optim.get("frozen", ()))
         shardings = partitioning.logical_shardings(boxed, self.mesh, self.rules)
         abstract = jax.tree.map(
             lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
@@ -140,21 +183,32 @@ class Trainer:
             return init(jax.random.key(seed))
 
     def rep_targets(self, ema_encoder, codebook, gen_images):
-        """EMA patch features [n, enc_width] and their tokens [batch, num_rep], without gradient."""
-        mcfg = self.model_config
-        if not (mcfg.use_rep_tokens and gen_images.shape[0]):
-            return (
-                jnp.zeros((0, mcfg.encoder.width), jnp.float32),
-                jnp.zeros((gen_images.shape[0], mcfg.num_rep), jnp.int32),
-            )
-        features = self.encoder.apply({"params": ema_encoder}, gen_images)
-        features = jax.lax.stop_gradient(features.astype(jnp.float32))
-        tokens = codebook_lib.assign_tokens(features, codebook.prototypes)
-        return features.reshape(-1, features.shape[-1]), tokens
+        """What the generation loss needs of the EMA encoder, without gradient.
 
-    def loss(self, params, batch, rep_targets, rng):
-        """Total loss and metrics of one batch."""
-        return objectives.total_loss(self.model, params, batch, rep_targets, rng, self.config.loss)
+        Returns:
+            (features [n, enc_width] for the codebook update, n = 0 when the
+            variant has no codebook; targets dict with `tokens` int32
+            [batch, num_rep] and `features` float32 [batch, rep_grid**2, enc_width],
+            each empty where the variant does not use it).
+        """
+        mcfg = self.model_config
+        batch = gen_images.shape[0]
+        width = mcfg.encoder.width
+        features = jnp.zeros((batch, 0, width), jnp.float32)
+        tokens = jnp.zeros((batch, 0), jnp.int32)
+        if mcfg.uses_ema_features and batch:
+            features = self.encoder.apply({"params": ema_encoder}, gen_images)
+            features = jax.lax.stop_gradient(features.astype(jnp.float32))
+        if mcfg.uses_codebook and batch:
+            tokens = codebook_lib.assign_tokens(features, codebook.prototypes)
+            codebook_features = features.reshape(-1, width)
+        else:
+            codebook_features = jnp.zeros((0, width), jnp.float32)
+        return codebook_features, {"tokens": tokens, "features": features}
+
+    def loss(self, params, batch, targets, rng):
+        """Total loss and metrics of one batch (`targets` from `rep_targets`)."""
+        return objectives.total_loss(self.model, params, batch, targets, rng, self.config.loss)
 
     def _train_step(self, state: TrainState, batch):
         cfg = self.config

@@ -226,7 +226,7 @@ def test_sampler_config_rejects_bad_values():
 
 def test_model_without_rep_tokens(tiny):
     config, model_config, _, _ = tiny
-    no_rep = dataclasses.replace(model_config, use_rep_tokens=False)
+    no_rep = dataclasses.replace(model_config, variant="pixel")
     model = RFModel(no_rep)
     text, _, z, t = _generation_inputs(no_rep)
     from rf_jax.trainer import dummy_inputs

@@ -15,7 +15,7 @@ import datetime
 import os
 import shutil
 import time
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from absl import app
 from absl import flags
@@ -24,9 +24,11 @@ from absl import logging
 from rf_jax.data import fashion_mnist
 from rf_jax.data import openmoji
 from rf_jax.data import records
+from rf_jax.data import shapes
+from rf_jax.data import shapes_prompts
 from rf_jax.data import tokenizer as tokenizer_lib
 
-KNOWN_DATASETS = (openmoji.NAME, fashion_mnist.NAME)
+KNOWN_DATASETS = (openmoji.NAME, fashion_mnist.NAME, shapes.NAME)
 # Environment variable naming the root data directory when none is configured.
 DATA_DIR_ENV = "RF_JAX_DATA_DIR"
 _PROGRESS_EVERY = 5000
@@ -47,13 +49,30 @@ def _load_source(
         source_dir = source_dir or fashion_mnist.DEFAULT_SOURCE_DIR
         plans = fashion_mnist.load_splits(image_size, limit, source_dir, allow_download)
         return plans, fashion_mnist.source_versions(source_dir)
+    if name == shapes.NAME:
+        plans = shapes.load_splits(image_size, limit, shapes.DEFAULT_SEED)
+        return plans, shapes.source_versions(shapes.DEFAULT_SEED)
     raise ValueError(f"Unknown data set {name!r}. Known data sets: {', '.join(KNOWN_DATASETS)}.")
+
+
+def _write_shapes_prompts(directory: str) -> None:
+    """Write the GenEval metadata of the held-out shapes prompts into `directory`."""
+    path = shapes_prompts.geneval_prompts_path(directory)
+    shapes_prompts.write_evaluation_metadata(path, shapes_prompts.DEFAULT_SEED)
+
+
+# Data set files beyond shards, tokenizer and manifest, written by the build.
+_EXTRA_FILE_WRITERS = {shapes.NAME: _write_shapes_prompts}
 
 
 def _existing_manifest(
     dataset_dir: str, name: str, image_size: int, vocab_size: int, limit
 ) -> records.Manifest | None:
-    """Return the manifest in `dataset_dir` if it describes the requested build."""
+    """Return the manifest in `dataset_dir` if it describes the requested build.
+
+    A shapes build must also match the current generator version, seed and
+    Pillow version, because its scenes are generated, not read from files.
+    """
     if not os.path.isfile(os.path.join(dataset_dir, records.MANIFEST_FILE)):
         return None
     try:
@@ -71,6 +90,16 @@ def _existing_manifest(
             requested,
         )
         return None
+    if name == shapes.NAME:
+        expected = shapes.source_versions(shapes.DEFAULT_SEED)
+        if manifest.source_versions != expected:
+            logging.info(
+                "Rebuilding %s: it has source versions %s, the generator is %s.",
+                dataset_dir,
+                manifest.source_versions,
+                expected,
+            )
+            return None
     return manifest
 
 
@@ -115,12 +144,15 @@ def write_dataset(
     plans: dict[str, records.SplitPlan],
     source_versions: dict[str, str],
     limit: int | None = None,
+    write_extra_files: Callable[[str], None] | None = None,
 ) -> records.Manifest:
     """Write the splits in `plans`, train the tokenizer and write the manifest.
 
     The tokenizer is trained on the captions, questions and answers of the
-    `train` split. Everything is written to a temporary directory that replaces
-    `dataset_dir` at the end, and that is deleted if writing raises.
+    `train` split. `write_extra_files(directory)`, if given, adds data set
+    specific files before the manifest is written. Everything is written to a
+    temporary directory that replaces `dataset_dir` at the end, and that is
+    deleted if writing raises.
     """
     if "train" not in plans:
         raise ValueError(f"Data set {name!r} has no 'train' split: {list(plans)}.")
@@ -135,7 +167,7 @@ def write_dataset(
     os.makedirs(temp_dir)
     try:
         manifest = _write_contents(
-            temp_dir, name, image_size, vocab_size, plans, source_versions, limit
+            temp_dir, name, image_size, vocab_size, plans, source_versions, limit, write_extra_files
         )
     except BaseException:
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -152,8 +184,9 @@ def _write_contents(
     plans: dict[str, records.SplitPlan],
     source_versions: dict[str, str],
     limit: int | None,
+    write_extra_files: Callable[[str], None] | None,
 ) -> records.Manifest:
-    """Write shards, tokenizer and manifest, in that order, into `temp_dir`."""
+    """Write shards, tokenizer, extra files and manifest, in that order, into `temp_dir`."""
     texts: list[str] = []
     splits = {}
     for split, plan in plans.items():
@@ -169,6 +202,8 @@ def _write_contents(
     tokenizer = tokenizer_lib.train_tokenizer(
         texts, os.path.join(temp_dir, records.TOKENIZER_FILE), vocab_size
     )
+    if write_extra_files is not None:
+        write_extra_files(temp_dir)
     manifest = records.Manifest(
         name=name,
         image_size=image_size,
@@ -216,6 +251,10 @@ def build_dataset(
             tests). The limit is part of the manifest, so a full build replaces it.
         source_dir: input directory: the SVG directory for OpenMoji, the IDX
             directory for Fashion-MNIST. Defaults to the installed package files.
+            Shapes are generated and take none.
+
+    A shapes build also writes the GenEval metadata of its held-out prompts,
+    at `shapes_prompts.geneval_prompts_path(dataset_dir)`.
 
     Returns:
         The manifest of the new or reused build.
@@ -239,7 +278,16 @@ def build_dataset(
     start = time.monotonic()
     logging.info("Building %s at %d px into %s.", name, image_size, dataset_dir)
     plans, versions = _load_source(name, image_size, limit, allow_download, source_dir)
-    manifest = write_dataset(dataset_dir, name, image_size, vocab_size, plans, versions, limit)
+    manifest = write_dataset(
+        dataset_dir,
+        name,
+        image_size,
+        vocab_size,
+        plans,
+        versions,
+        limit,
+        _EXTRA_FILE_WRITERS.get(name),
+    )
     sizes = {split: info["num_examples"] for split, info in manifest.splits.items()}
     logging.info(
         "Built %s in %s: %s examples in %.1f s.", name, dataset_dir, sizes, time.monotonic() - start

@@ -319,6 +319,24 @@ def make_train_iterator(
     return iter(iter_dataset)
 
 
+def load_examples(
+    data_config: ml_collections.ConfigDict,
+    tokenizer: tokenizer_lib.Tokenizer,
+    split: str = "test",
+    count: int | None = None,
+) -> list[records.Example]:
+    """Return `count` examples of `split` evenly spaced over it (all of them if None)."""
+    source = _open_split(data_config, tokenizer, split)
+    count = len(source) if count is None else count
+    if not 0 < count <= len(source):
+        raise ValueError(
+            f"count={count} must be between 1 and the {len(source)} examples of "
+            f"split {split!r}."
+        )
+    indices = np.linspace(0, len(source) - 1, count).round().astype(int)
+    return [source[int(index)] for index in indices]
+
+
 def make_eval_examples(
     data_config: ml_collections.ConfigDict,
     tokenizer: tokenizer_lib.Tokenizer,

@@ -1,0 +1,1 @@
+"""Metrics and a Fashion-MNIST classifier that score generated text and images."""
