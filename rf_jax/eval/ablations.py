@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import platform
+import subprocess
 import time
 
 from absl import app
@@ -191,6 +192,21 @@ def load_results(root, runs):
     return results
 
 
+def _commit():
+    """The git commit of the source tree, or "unknown" outside a git checkout."""
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return result.stdout.strip()
+
+
 def main(argv):
     quiet_library_logs()
     if len(argv) > 1:
@@ -216,7 +232,10 @@ def main(argv):
             elapsed / 60,
             elapsed / index * (len(runs) - index) / 60,
         )
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}"
+    machine = (
+        f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}, "
+        f"rf_jax commit {_commit()}"
+    )
     results = load_results(values.root, suite(values.seeds))
     results_table.write(values.out, results, values.steps, values.seeds, machine)
     logging.info("Wrote %s.", values.out)
