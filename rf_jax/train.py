@@ -6,7 +6,8 @@ Any config field can be overridden, e.g. `--config.train.steps=200`. A run
 resumes from the latest checkpoint in its workdir. Outputs under the workdir:
 `checkpoints/`, TensorBoard event files, `samples/step_XXXXXX.png` grids from
 the fixed prompts, the final `samples.png`, `captions.txt` for held-out
-images, `config.json` and `tokenizer.model`.
+images, `config.json` and `tokenizer.model` (or, when the run starts from a
+pretrained LLM, its `tokenizer.json` and `special_tokens.json`).
 """
 
 import os
@@ -27,6 +28,7 @@ from rf_jax import checkpointing
 from rf_jax.logs import quiet_library_logs
 from rf_jax import configs
 from rf_jax import partitioning
+from rf_jax import pretrained
 from rf_jax import trainer as trainer_lib
 from rf_jax.data import build as data_build
 from rf_jax.data import pipeline
@@ -34,7 +36,10 @@ from rf_jax.inference import Generator, write_captions
 
 
 def prepare_data(config, workdir):
-    """Build the data set if needed; copy its tokenizer into the workdir and return it."""
+    """Build the data set if needed; copy its tokenizer into the workdir and return it.
+
+    With `config.init.llm_path` set, the tokenizer is the pretrained LLM's instead.
+    """
     data_config = config.data
     manifest = data_build.build_dataset(
         data_config.name,
@@ -43,6 +48,11 @@ def prepare_data(config, workdir):
         data_config.vocab_size,
         allow_download=data_config.allow_download,
     )
+    llm_path = config.get("init", {}).get("llm_path")
+    if llm_path:
+        tokenizer = pretrained.load_tokenizer(llm_path)
+        tokenizer.save(workdir)
+        return tokenizer
     tokenizer_path = os.path.join(pipeline.dataset_dir(data_config), manifest.tokenizer_file)
     shutil.copyfile(tokenizer_path, os.path.join(workdir, "tokenizer.model"))
     return pipeline.load_tokenizer(data_config)
@@ -99,7 +109,7 @@ def train_and_evaluate(config, workdir):
     )
 
     # Model and sharded train state.
-    model_config = configs.model_config(config, tokenizer.vocab_size)
+    model_config = configs.model_config_for_tokenizer(config, tokenizer)
     total_steps = config.train.steps
     trainer = trainer_lib.Trainer(config, model_config, mesh, total_steps)
     abstract_state, state_shardings = trainer.abstract_state()
@@ -114,6 +124,7 @@ def train_and_evaluate(config, workdir):
     if state is None:
         logging.info("No checkpoint in %s: starting from fresh initialisation.", workdir)
         state = trainer.init_state(config.train.seed)
+        state = pretrained.load_for_training(config, model_config, state)
         step = 0
     else:
         logging.info("Resuming from the checkpoint of step %d in %s.", step, workdir)
