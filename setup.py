@@ -25,6 +25,10 @@ setuptools.setup(
         "ml-collections>=1.0,<2",
         "chex>=0.1.88,<0.2",
         "sentencepiece>=0.2,<0.3",
+        # Pretrained checkpoints: safetensors files, tokenizer.json, BF16 tensors in numpy.
+        "safetensors>=0.4.3,<1",
+        "tokenizers>=0.20,<1",
+        "ml-dtypes>=0.4,<1",
         "clu>=0.0.12,<0.1",
         "tensorflow-cpu>=2.18,<2.22",
         "tensorboard>=2.18,<2.22",
@@ -39,6 +43,9 @@ setuptools.setup(
         "resvg-py>=0.2,<0.6",
     ],
     extras_require={
-        "test": ["pytest>=8,<10"],
+        # torch and transformers build the reference models of the conversion tests.
+        # torch is pinned to 2.13.0, whose CPU build pip takes from a local wheel
+        # directory where one is configured (see .ci/run).
+        "test": ["pytest>=8,<10", "torch==2.13.0", "transformers>=5.0,<6"],
     },
 )

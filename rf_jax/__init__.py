@@ -12,6 +12,8 @@ _EXPORTS = {
     "SamplerConfig": "rf_jax.sampler",
     "make_text_to_image": "rf_jax.sampler",
     "make_image_to_text": "rf_jax.sampler",
+    "make_text_to_text": "rf_jax.sampler",
+    "load_pretrained": "rf_jax.pretrained",
     "default_config": "rf_jax.configs",
     "model_config": "rf_jax.configs",
     "encode_prompts": "rf_jax.inference",

@@ -9,6 +9,7 @@ import ml_collections
 import jax.numpy as jnp
 
 from rf_jax.backbone import BackboneConfig
+from rf_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from rf_jax.encoder import EncoderConfig
 from rf_jax.model import ModelConfig
 from rf_jax.sampler import SamplerConfig
@@ -60,6 +61,9 @@ def default_config():
             num_registers=4,
             layerscale_init=1e-5,
             rope_base=100.0,
+            norm_eps=1e-6,
+            mlp_type="swiglu",
+            mlp_bias=False,
         )
     )
     config.model.codebook = ml_collections.ConfigDict(
@@ -154,6 +158,9 @@ def default_config():
         )
     )
 
+    # Pretrained weights loaded at fresh initialisation (`rf_jax.pretrained`); "" for none.
+    config.init = ml_collections.ConfigDict(dict(llm_path="", encoder_path=""))
+
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     return config
 
@@ -229,9 +236,13 @@ def _dtype(name, field):
     return _DTYPES[name]
 
 
-def model_config(config, vocab_size):
-    """Build the static `ModelConfig` from `config.model` and the tokenizer's vocabulary."""
+def model_config(config, vocab_size, *, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID):
+    """Build the static `ModelConfig` from `config.model`, the vocabulary and special text ids.
+
+    The default ids are those of the sentencepiece models that rf_jax trains.
+    """
     m = config.model
+    _check_special_ids(vocab_size, pad_id, bos_id, eos_id)
     dtype = _dtype(m.dtype, "model.dtype")
     param_dtype = _dtype(m.param_dtype, "model.param_dtype")
     backbone = BackboneConfig(**m.backbone.to_dict(), dtype=dtype, param_dtype=param_dtype)
@@ -268,7 +279,36 @@ def model_config(config, vocab_size):
         tie_embeddings=m.tie_embeddings,
         repa_depth=m.repa_depth,
         repa_mlp_dim=m.repa_mlp_dim,
+        pad_id=pad_id,
+        bos_id=bos_id,
+        eos_id=eos_id,
     )
+
+
+def model_config_for_tokenizer(config, tokenizer):
+    """Build the `ModelConfig` for `tokenizer`: its vocabulary size and special ids."""
+    return model_config(
+        config,
+        tokenizer.vocab_size,
+        pad_id=tokenizer.pad_id,
+        bos_id=tokenizer.bos_id,
+        eos_id=tokenizer.eos_id,
+    )
+
+
+def _check_special_ids(vocab_size, pad_id, bos_id, eos_id):
+    ids = dict(pad_id=pad_id, bos_id=bos_id, eos_id=eos_id)
+    outside = {name: value for name, value in ids.items() if not 0 <= value < vocab_size}
+    if outside:
+        raise ValueError(
+            f"Special text ids {outside} are outside the vocabulary [0, {vocab_size}); "
+            "build the model config from the tokenizer that produced them."
+        )
+    if pad_id in (bos_id, eos_id):
+        raise ValueError(
+            f"pad_id={pad_id} equals bos_id={bos_id} or eos_id={eos_id}, but every PAD token is "
+            "treated as padding. Give the tokenizer a distinct pad token."
+        )
 
 
 def sampler_config(config, **overrides):

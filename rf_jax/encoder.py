@@ -13,11 +13,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rf_jax.layers import Dense, LayerNorm, SwiGLU, apply_rope, constrain, dot_product_attention
+from rf_jax.layers import Dense, GeluMLP, LayerNorm, SwiGLU, apply_rope, constrain
+from rf_jax.layers import dot_product_attention
 
 # Encoder inputs are normalised with the ImageNet statistics, as DINOv3 is.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+MLP_TYPES = {"swiglu": SwiGLU, "gelu": GeluMLP}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,8 +36,17 @@ class EncoderConfig:
     layerscale_init: float = 1e-5
     rope_base: float = 100.0
     norm_eps: float = 1e-6
+    # "swiglu" (gated, SiLU) or "gelu" (plain, exact GELU), as DINOv3's ViT-S/B/L use.
+    mlp_type: str = "swiglu"
+    mlp_bias: bool = False
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+
+    def __post_init__(self):
+        if self.mlp_type not in MLP_TYPES:
+            raise ValueError(
+                f"model.encoder.mlp_type={self.mlp_type!r} is not one of {sorted(MLP_TYPES)}."
+            )
 
 
 def patchify(images, patch_size):
@@ -116,10 +128,11 @@ class EncoderBlock(nn.Module):
         x = x + layer_scale("ls1") * dense(("enc_heads", "enc_embed"), "o_proj")(attn)
 
         h = LayerNorm(cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="norm2")(x)
-        mlp = SwiGLU(
+        mlp = MLP_TYPES[cfg.mlp_type](
             cfg.mlp_dim,
             embed_axis="enc_embed",
             mlp_axis="enc_mlp",
+            use_bias=cfg.mlp_bias,
             dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
             name="mlp",

@@ -35,7 +35,6 @@ from rf_jax.data import fashion_mnist
 from rf_jax.data import pipeline
 from rf_jax.data import shapes
 from rf_jax.data import shapes_prompts
-from rf_jax.data.tokenizer import PAD_ID
 from rf_jax.eval import geneval
 from rf_jax.eval import metrics
 from rf_jax.eval.detector import ShapeDetector
@@ -83,7 +82,7 @@ def answer_questions(model_config, tokenizer, params, images, questions, max_tok
             params, jnp.asarray(image_chunk), jnp.asarray(prompt_chunk), jax.random.key(0)
         )
         out.extend(np.asarray(tokens)[:real].tolist())
-    return [tokenizer.decode([t for t in row if t != PAD_ID]) for row in out]
+    return [tokenizer.decode([t for t in row if t != tokenizer.pad_id]) for row in out]
 
 
 def evaluate_geneval(generator, params, metadata_path, images_per_prompt, grid_path=None):

@@ -17,7 +17,7 @@ from rf_jax import partitioning
 from rf_jax import sampler as sampler_lib
 from rf_jax import trainer as trainer_lib
 from rf_jax.data import pipeline
-from rf_jax.data.tokenizer import BOS_ID, PAD_ID, Tokenizer
+from rf_jax.data import tokenizer as tokenizer_lib
 
 
 def encode_prompts(tokenizer, prompts, text_len):
@@ -33,7 +33,7 @@ def encode_prompts(tokenizer, prompts, text_len):
     prompts = list(prompts)
     if not prompts:
         raise ValueError("The prompt list is empty; pass at least one prompt.")
-    rows = np.full((len(prompts), text_len), PAD_ID, np.int32)
+    rows = np.full((len(prompts), text_len), tokenizer.pad_id, np.int32)
     for index, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
             raise ValueError(f"Prompt {index} is {prompt!r}, not a string.")
@@ -48,7 +48,7 @@ def encode_prompts(tokenizer, prompts, text_len):
                 text_len,
             )
             tokens = tokens[: text_len - 1]
-        ids = [BOS_ID] + tokens
+        ids = [tokenizer.bos_id] + tokens
         rows[index, text_len - len(ids) :] = ids
     return rows
 
@@ -120,6 +120,8 @@ def load_run(workdir, step=None):
     """
     config_path = os.path.join(workdir, "config.json")
     tokenizer_path = os.path.join(workdir, "tokenizer.model")
+    if os.path.exists(os.path.join(workdir, "tokenizer.json")):
+        tokenizer_path = workdir  # A pretrained tokenizer, saved by `rf_jax.pretrained`.
     for path in (config_path, tokenizer_path):
         if not os.path.exists(path):
             raise FileNotFoundError(
@@ -127,8 +129,8 @@ def load_run(workdir, step=None):
             )
     with open(config_path, encoding="utf-8") as f:
         config = ml_collections.ConfigDict(json.load(f))
-    tokenizer = Tokenizer.load(tokenizer_path)
-    model_config = configs.model_config(config, tokenizer.vocab_size)
+    tokenizer = tokenizer_lib.load_tokenizer(tokenizer_path)
+    model_config = configs.model_config_for_tokenizer(config, tokenizer)
     with config.unlocked():
         config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     mesh = partitioning.create_mesh(config.mesh)

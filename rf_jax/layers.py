@@ -103,6 +103,7 @@ class SwiGLU(nn.Module):
     hidden_dim: int
     embed_axis: str = "embed"
     mlp_axis: str = "mlp"
+    use_bias: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -111,7 +112,7 @@ class SwiGLU(nn.Module):
         dense = lambda features, axes, name: Dense(  # noqa: E731
             features,
             axes,
-            use_bias=False,
+            use_bias=self.use_bias,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name=name,
@@ -119,6 +120,32 @@ class SwiGLU(nn.Module):
         gate = dense(self.hidden_dim, (self.embed_axis, self.mlp_axis), "gate_proj")(x)
         up = dense(self.hidden_dim, (self.embed_axis, self.mlp_axis), "up_proj")(x)
         hidden = nn.silu(gate) * up
+        hidden = constrain(hidden, ("activation_batch", "activation_length", "activation_mlp"))
+        return dense(x.shape[-1], (self.mlp_axis, self.embed_axis), "down_proj")(hidden)
+
+
+class GeluMLP(nn.Module):
+    """Plain feed-forward block with the exact (erf) GELU: down(gelu(up(x)))."""
+
+    hidden_dim: int
+    embed_axis: str = "embed"
+    mlp_axis: str = "mlp"
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        dense = lambda features, axes, name: Dense(  # noqa: E731
+            features,
+            axes,
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+        )
+        hidden = dense(self.hidden_dim, (self.embed_axis, self.mlp_axis), "up_proj")(x)
+        hidden = jax.nn.gelu(hidden, approximate=False)
         hidden = constrain(hidden, ("activation_batch", "activation_length", "activation_mlp"))
         return dense(x.shape[-1], (self.mlp_axis, self.embed_axis), "down_proj")(hidden)
 

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 
 from rf_jax import mask as mask_lib
 from rf_jax.backbone import APPEND, READ, Backbone, BackboneConfig
-from rf_jax.data.tokenizer import PAD_ID
+from rf_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from rf_jax.encoder import Connector, Encoder, EncoderConfig
 from rf_jax.layers import Dense, sincos_2d, timestep_embedding
 
@@ -60,6 +60,11 @@ class ModelConfig:
     tie_embeddings: bool = False
     repa_depth: int = 1  # REPA: backbone layers before the aligned hidden state.
     repa_mlp_dim: int = 512  # REPA: hidden width of the projector.
+
+    # Special text ids of the tokenizer; every pad_id token is treated as padding.
+    pad_id: int = PAD_ID
+    bos_id: int = BOS_ID
+    eos_id: int = EOS_ID
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -147,12 +152,12 @@ class ModelConfig:
         return tuple(spans)
 
 
-def text_positions(text_ids, offset=0):
+def text_positions(text_ids, offset=0, pad_id=PAD_ID):
     """Return (positions [batch, len], segment ids [batch, len], count [batch]) of text.
 
-    Padding tokens get segment 0 and the position of the previous real token.
+    Padding tokens (`pad_id`) get segment 0 and the position of the previous real token.
     """
-    valid = text_ids != PAD_ID
+    valid = text_ids != pad_id
     count = jnp.sum(valid, axis=-1).astype(jnp.int32)
     positions = jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0).astype(jnp.int32) + offset
     return positions, valid.astype(jnp.int32), count
@@ -288,7 +293,7 @@ class RFModel(nn.Module):
         """
         cfg = self.config
         batch, text_len = text_ids.shape
-        positions, segments, count = text_positions(text_ids)
+        positions, segments, count = text_positions(text_ids, pad_id=cfg.pad_id)
         x = self.text_embed(text_ids)
         modality = _full(batch, text_len, mask_lib.TEXT)
         if not cfg.use_rep_tokens:
@@ -363,7 +368,7 @@ class RFModel(nn.Module):
         """
         image = self.image_tokens(images)
         batch, num_image, _ = image.shape
-        positions, segments, count = text_positions(text_ids, offset=1)
+        positions, segments, count = text_positions(text_ids, 1, self.config.pad_id)
         x = jnp.concatenate([image, self.text_embed(text_ids)], axis=1)
         positions = _append(_full(batch, num_image, 0), positions)
         segments = _append(_full(batch, num_image, 1), segments)
@@ -382,6 +387,32 @@ class RFModel(nn.Module):
         hidden, _ = self.backbone(x, positions, segments, modality, expert_spans=spans)
         num_image = self.config.num_image_tokens
         return self._text_logits(hidden[:, num_image:])
+
+    def text_forward(self, text_ids):
+        """Run text alone through the understanding expert, as a plain causal language model.
+
+        Args:
+            text_ids: int32 [batch, len]; PAD tokens are padding.
+
+        Returns:
+            (hidden [batch, len, width] after the final norm, logits [batch, len, vocab]);
+            the logits at i predict token i + 1.
+        """
+        x, positions, segments, modality, _ = self._text_inputs(text_ids)
+        spans = ((0, x.shape[1], mask_lib.UNDERSTANDING_EXPERT),)
+        hidden, _ = self.backbone(x, positions, segments, modality, expert_spans=spans)
+        return hidden, self._text_logits(hidden)
+
+    def _text_inputs(self, text_ids):
+        """Embed text alone.
+
+        Returns:
+            (x [batch, len, width], positions, segment ids, modality [batch, len],
+            count [batch] of real text tokens).
+        """
+        positions, segments, count = text_positions(text_ids, pad_id=self.config.pad_id)
+        modality = _full(text_ids.shape[0], text_ids.shape[1], mask_lib.TEXT)
+        return self.text_embed(text_ids), positions, segments, modality, count
 
     def initialize(self, text_ids, rep, z, t, rep_visible, und_images, und_text):
         """Touch every parameter (used only by `init`)."""
@@ -455,6 +486,16 @@ class RFModel(nn.Module):
             x, positions, segments, modality, expert_spans=spans, cache=cache, mode=APPEND
         )
         cache = cache.replace(next_position=count + 1)
+        return self._text_logits(hidden[:, -1]), cache
+
+    def prefill_text(self, prompt_ids, cache):
+        """Prefill left-padded text int32 [batch, len]; return (next-token logits, cache)."""
+        x, positions, segments, modality, count = self._text_inputs(prompt_ids)
+        spans = ((0, x.shape[1], mask_lib.UNDERSTANDING_EXPERT),)
+        hidden, cache = self.backbone(
+            x, positions, segments, modality, expert_spans=spans, cache=cache, mode=APPEND
+        )
+        cache = cache.replace(next_position=count)
         return self._text_logits(hidden[:, -1]), cache
 
     def decode_text(self, token_ids, cache):

@@ -16,12 +16,13 @@ import jax.numpy as jnp
 import optax
 
 from rf_jax import flow
+from rf_jax.data.tokenizer import BOS_ID, PAD_ID
 from rf_jax.encoder import patchify
 from rf_jax.model import RFModel
 from rf_jax.sampler import empty_prompt
 
 
-def cfg_dropout(rng, text_ids, text_rate, rep_rate):
+def cfg_dropout(rng, text_ids, text_rate, rep_rate, pad_id=PAD_ID, bos_id=BOS_ID):
     """Drop the text and rep conditions of generation rows, independently.
 
     A dropped text condition becomes the empty prompt `[PAD ... BOS]`; a
@@ -34,7 +35,8 @@ def cfg_dropout(rng, text_ids, text_rate, rep_rate):
     text_key, rep_key = jax.random.split(rng)
     text_dropped = jax.random.bernoulli(text_key, text_rate, (batch,))
     rep_visible = ~jax.random.bernoulli(rep_key, rep_rate, (batch,))
-    text_ids = jnp.where(text_dropped[:, None], empty_prompt(batch, text_len), text_ids)
+    empty = empty_prompt(batch, text_len, pad_id, bos_id)
+    text_ids = jnp.where(text_dropped[:, None], empty, text_ids)
     return text_ids, rep_visible, text_dropped
 
 
@@ -87,7 +89,12 @@ def generation_loss(model: RFModel, params, batch, targets, rng, loss_cfg):
     cfg = model.config
     drop_key, time_key, noise_key = jax.random.split(rng, 3)
     text_ids, rep_visible, _ = cfg_dropout(
-        drop_key, batch["gen_text"], loss_cfg.text_dropout, loss_cfg.rep_dropout
+        drop_key,
+        batch["gen_text"],
+        loss_cfg.text_dropout,
+        loss_cfg.rep_dropout,
+        cfg.pad_id,
+        cfg.bos_id,
     )
     x = images_to_patches(batch["gen_image"], cfg.pixel_patch)
     t = flow.sample_times(time_key, x.shape[0], loss_cfg.t_mu, loss_cfg.t_sigma)

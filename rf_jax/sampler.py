@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from rf_jax import flow
 from rf_jax.backbone import KVCache
-from rf_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from rf_jax.data.tokenizer import BOS_ID, PAD_ID
 from rf_jax.encoder import unpatchify
 from rf_jax.model import ModelConfig, RFModel
 
@@ -75,10 +75,10 @@ def sample_from_logits(rng, logits, temperature, top_k):
     return jax.random.categorical(rng, logits).astype(jnp.int32)
 
 
-def empty_prompt(batch, text_len):
+def empty_prompt(batch, text_len, pad_id=PAD_ID, bos_id=BOS_ID):
     """Return the unconditional prompt `[PAD ... PAD, BOS]`, int32 [batch, text_len]."""
-    prompt = jnp.full((batch, text_len), PAD_ID, jnp.int32)
-    return prompt.at[:, -1].set(BOS_ID)
+    prompt = jnp.full((batch, text_len), pad_id, jnp.int32)
+    return prompt.at[:, -1].set(bos_id)
 
 
 def _take_rows(cache, rows):
@@ -182,7 +182,8 @@ def text_to_image(model, params, prompt_ids, rng, cfg: SamplerConfig):
 
     prompts = prompt_ids
     if two_prompts:
-        prompts = jnp.concatenate([prompt_ids, empty_prompt(batch, mcfg.text_len)])
+        empty = empty_prompt(batch, mcfg.text_len, mcfg.pad_id, mcfg.bos_id)
+        prompts = jnp.concatenate([prompt_ids, empty])
     cache = empty_cache(mcfg, prompts.shape[0], mcfg.text_len + mcfg.rep_region)
     first_logits, cache = model.apply(
         {"params": params}, prompts, cache, method=RFModel.prefill_generation
@@ -215,6 +216,28 @@ def make_text_to_image(model_config: ModelConfig, sampler_config: SamplerConfig)
     return sample
 
 
+def decode_tokens(model, params, cache, logits, rng, max_new_tokens, temperature=0.0):
+    """Sample text tokens one by one from `logits` [batch, vocab] and a prefilled cache.
+
+    Returns:
+        int32 [batch, max_new_tokens]: the generated tokens, PAD after the first EOS.
+    """
+    mcfg = model.config
+
+    def step(carry, _):
+        cache, logits, done, rng = carry
+        rng, key = jax.random.split(rng)
+        tokens = sample_from_logits(key, logits, temperature, 0)
+        tokens = jnp.where(done, mcfg.pad_id, tokens)
+        done = done | (tokens == mcfg.eos_id)
+        logits, cache = model.apply({"params": params}, tokens, cache, method=RFModel.decode_text)
+        return (cache, logits, done, rng), tokens
+
+    init = (cache, logits, jnp.zeros((logits.shape[0],), bool), rng)
+    _, tokens = jax.lax.scan(step, init, None, length=max_new_tokens)
+    return tokens.T
+
+
 def image_to_text(model, params, images, prompt_ids, rng, max_new_tokens, temperature=0.0):
     """Decode answers for images uint8 [batch, H, W, 3] and left-padded prompts.
 
@@ -227,19 +250,19 @@ def image_to_text(model, params, images, prompt_ids, rng, max_new_tokens, temper
     logits, cache = model.apply(
         {"params": params}, images, prompt_ids, cache, method=RFModel.prefill_understanding
     )
+    return decode_tokens(model, params, cache, logits, rng, max_new_tokens, temperature)
 
-    def step(carry, _):
-        cache, logits, done, rng = carry
-        rng, key = jax.random.split(rng)
-        tokens = sample_from_logits(key, logits, temperature, 0)
-        tokens = jnp.where(done, PAD_ID, tokens)
-        done = done | (tokens == EOS_ID)
-        logits, cache = model.apply({"params": params}, tokens, cache, method=RFModel.decode_text)
-        return (cache, logits, done, rng), tokens
 
-    init = (cache, logits, jnp.zeros((batch,), bool), rng)
-    _, tokens = jax.lax.scan(step, init, None, length=max_new_tokens)
-    return tokens.T
+def text_to_text(model, params, prompt_ids, rng, max_new_tokens, temperature=0.0):
+    """Continue left-padded prompts int32 [batch, len] with the language path alone.
+
+    Returns:
+        int32 [batch, max_new_tokens]: the generated tokens, PAD after the first EOS.
+    """
+    size = prompt_ids.shape[1] + max_new_tokens
+    cache = empty_cache(model.config, prompt_ids.shape[0], size)
+    logits, cache = model.apply({"params": params}, prompt_ids, cache, method=RFModel.prefill_text)
+    return decode_tokens(model, params, cache, logits, rng, max_new_tokens, temperature)
 
 
 def make_image_to_text(
@@ -255,3 +278,16 @@ def make_image_to_text(
         return image_to_text(model, params, images, prompt_ids, rng, max_new_tokens, temperature)
 
     return answer
+
+
+def make_text_to_text(model_config: ModelConfig, max_new_tokens: int, temperature: float = 0.0):
+    """Return jitted `continue_text(params, prompt_ids, rng) -> tokens [batch, max_new_tokens]`."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+    model = RFModel(model_config)
+
+    @jax.jit
+    def continue_text(params, prompt_ids, rng):
+        return text_to_text(model, params, prompt_ids, rng, max_new_tokens, temperature)
+
+    return continue_text

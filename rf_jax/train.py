@@ -6,7 +6,8 @@ Any config field can be overridden, e.g. `--config.train.steps=200`. A run
 resumes from the latest checkpoint in its workdir. Outputs under the workdir:
 `checkpoints/`, TensorBoard event files, `samples/step_XXXXXX.png` grids from
 the fixed prompts, the final `samples.png`, `captions.txt` for held-out
-images, `config.json` and `tokenizer.model`.
+images, `config.json` and `tokenizer.model` (or, when the run starts from a
+pretrained LLM, its `tokenizer.json` and `special_tokens.json`).
 """
 
 import os
@@ -27,6 +28,7 @@ from rf_jax import checkpointing
 from rf_jax.logs import quiet_library_logs
 from rf_jax import configs
 from rf_jax import partitioning
+from rf_jax import pretrained
 from rf_jax import trainer as trainer_lib
 from rf_jax.data import build as data_build
 from rf_jax.data import pipeline
@@ -37,7 +39,10 @@ STAGE_CARRIED = ("params", "ema_encoder", "codebook")
 
 
 def prepare_data(config, workdir):
-    """Build the data set if needed; copy its tokenizer into the workdir and return it."""
+    """Build the data set if needed; copy its tokenizer into the workdir and return it.
+
+    With `config.init.llm_path` set, the tokenizer is the pretrained LLM's instead.
+    """
     data_config = config.data
     manifest = data_build.build_dataset(
         data_config.name,
@@ -46,6 +51,11 @@ def prepare_data(config, workdir):
         data_config.vocab_size,
         allow_download=data_config.allow_download,
     )
+    llm_path = config.get("init", {}).get("llm_path")
+    if llm_path:
+        tokenizer = pretrained.load_tokenizer(llm_path)
+        tokenizer.save(workdir)
+        return tokenizer
     tokenizer_path = os.path.join(pipeline.dataset_dir(data_config), manifest.tokenizer_file)
     (epath.Path(workdir) / "tokenizer.model").write_bytes(epath.Path(tokenizer_path).read_bytes())
     return pipeline.load_tokenizer(data_config)
@@ -121,7 +131,7 @@ def train_and_evaluate(config, workdir):
     )
 
     # Model and sharded train state.
-    model_config = configs.model_config(config, tokenizer.vocab_size)
+    model_config = configs.model_config_for_tokenizer(config, tokenizer)
     total_steps = config.train.steps
     trainer = trainer_lib.Trainer(config, model_config, mesh, total_steps)
     abstract_state, state_shardings = trainer.abstract_state()
@@ -143,6 +153,8 @@ def train_and_evaluate(config, workdir):
             workdir,
         )
         state, step = trainer.init_state(config.train.seed), 0
+        # Pretrained language model and encoder weights, when config.init names them.
+        state = pretrained.load_for_training(config, model_config, state)
 
     # Train step, writers and periodic actions.
     train_step = trainer.jit_train_step(state_shardings)

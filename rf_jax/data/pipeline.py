@@ -76,8 +76,8 @@ def encode_generation_text(
     the caption was truncated to text_len - 1 tokens."""
     tokens = tokenizer.encode(caption)
     truncated = len(tokens) > text_len - 1
-    sequence = [tokenizer_lib.BOS_ID] + tokens[: text_len - 1]
-    ids = np.full(text_len, tokenizer_lib.PAD_ID, dtype=np.int32)
+    sequence = [tokenizer.bos_id] + tokens[: text_len - 1]
+    ids = np.full(text_len, tokenizer.pad_id, dtype=np.int32)
     ids[text_len - len(sequence) :] = sequence
     return ids, truncated
 
@@ -109,8 +109,8 @@ def encode_understanding_text(
         )
     room = text_len - 2 - len(question_ids)
     truncated = len(answer_ids) > room
-    sequence = [tokenizer_lib.BOS_ID] + question_ids + answer_ids[:room] + [tokenizer_lib.EOS_ID]
-    ids = np.full(text_len, tokenizer_lib.PAD_ID, dtype=np.int32)
+    sequence = [tokenizer.bos_id] + question_ids + answer_ids[:room] + [tokenizer.eos_id]
+    ids = np.full(text_len, tokenizer.pad_id, dtype=np.int32)
     ids[: len(sequence)] = sequence
     loss_mask = np.zeros(text_len, dtype=np.float32)
     loss_mask[1 + len(question_ids) : len(sequence)] = 1.0
@@ -223,7 +223,12 @@ def _open_split(
     """Open `split` after checking the config against the manifest."""
     directory = dataset_dir(data_config)
     manifest = records.load_manifest(directory, data_config.image_size)
-    if tokenizer.vocab_size > data_config.vocab_size:
+    # Only the data set's own sentencepiece model is sized by data.vocab_size; a pretrained
+    # tokenizer brings its own vocabulary.
+    if (
+        isinstance(tokenizer, tokenizer_lib.Tokenizer)
+        and tokenizer.vocab_size > data_config.vocab_size
+    ):
         raise ValueError(
             f"Tokenizer has {tokenizer.vocab_size} tokens, more than "
             f"data.vocab_size={data_config.vocab_size}, so some ids would be "
@@ -380,14 +385,14 @@ def make_eval_examples(
         example = source[int(index)]
         name = f"{data_config.name}/{split} record {index}"
         ids, mask, _ = encode_understanding_text(tokenizer, "", example.caption, und_text_len, name)
-        prompt = [tokenizer_lib.BOS_ID]
+        prompt = [tokenizer.bos_id]
         result["image"].append(example.image)
         result["caption"].append(example.caption)
         result["label"].append(example.label)
         result["gen_text"].append(encode_generation_text(tokenizer, example.caption, text_len)[0])
         result["und_prompt"].append(
             np.pad(
-                prompt, (0, und_text_len - len(prompt)), constant_values=tokenizer_lib.PAD_ID
+                prompt, (0, und_text_len - len(prompt)), constant_values=tokenizer.pad_id
             ).astype(np.int32)
         )
         result["und_prompt_len"].append(len(prompt))

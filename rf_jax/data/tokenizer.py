@@ -1,7 +1,9 @@
 """Sentencepiece tokenizer with fixed special token ids.
 
 Any tokenizer backend used with rf_jax provides the same small interface:
-`encode`, `decode`, `vocab_size` and the special ids below.
+`encode`, `decode`, `vocab_size`, and the special ids `pad_id`, `bos_id` and
+`eos_id`. The sentencepiece models trained here use the module constants
+below; a pretrained tokenizer (`rf_jax.data.hf_tokenizer`) has its own ids.
 """
 
 import io
@@ -57,6 +59,18 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Number of token ids, special ids included. Every id is below it."""
         return self._processor.vocab_size()
+
+    @property
+    def pad_id(self) -> int:
+        return PAD_ID
+
+    @property
+    def bos_id(self) -> int:
+        return BOS_ID
+
+    @property
+    def eos_id(self) -> int:
+        return EOS_ID
 
     def encode(self, text: str) -> list[int]:
         """Return the token ids of `text`, without BOS or EOS."""
@@ -138,3 +152,15 @@ def train_tokenizer(texts: Iterable[str], model_path: str, vocab_size: int) -> T
         model_path,
     )
     return tokenizer
+
+
+def load_tokenizer(path: str):
+    """Load a tokenizer file: a `tokenizer.json` directory or file, else a sentencepiece model.
+
+    A directory or a path ending in `.json` loads `rf_jax.data.hf_tokenizer.HFTokenizer`.
+    """
+    if os.path.isdir(path) or path.endswith(".json"):
+        from rf_jax.data import hf_tokenizer  # The `tokenizers` package loads only when needed.
+
+        return hf_tokenizer.HFTokenizer.load(path)
+    return Tokenizer.load(path)
