@@ -9,7 +9,8 @@ safetensors files; see the README for where to get them). Nothing is
 downloaded at run time. At fresh initialisation the backbone, the text
 embeddings and the tied LM head come from Qwen2.5-0.5B, with its FFN copied
 into the representation and pixel experts, and the encoder and the EMA
-encoder come from DINOv3. The run uses the checkpoint's tokenizer
+encoder come from DINOv3; as in `stage1_align.py`, those stay frozen
+(`optim.frozen`) while the new modules learn. The run uses the checkpoint's tokenizer
 (`tokenizer.json`) with a PAD and a BOS token added. The architecture below
 must match the checkpoints; a mismatch stops the run with the overrides that
 fix it. Check a pair of checkpoints first, without training:
@@ -21,13 +22,13 @@ This is an accelerator run (about 0.5B parameters at 256 px); it has not
 been trained to completion here.
 """
 
-from rf_jax.configs import default_config
+from rf_jax import configs
 
 
 def get_config(arg=None):
     if arg is not None:
         raise ValueError(f"Unknown argument {arg!r}: this config takes none.")
-    config = default_config()
+    config = configs.default_config()
     config.data.name = "openmoji"
     config.model.image_size = 256
     config.model.text_len = 32
@@ -70,5 +71,8 @@ def get_config(arg=None):
     config.train.sample_every = 2000
     config.optim.learning_rate = 1e-4
     config.optim.warmup_steps = 1000
+    # Align the new modules to the frozen pretrained language model and encoder.
+    config.optim.frozen = configs.ALIGNMENT_FROZEN
+    config.data.mixture.update(generation=0.5, understanding=0.5)
     config.mesh.update(data=-1, fsdp=1, tensor=1)
     return config

@@ -170,8 +170,7 @@ def default_config():
 # and head) and the encoder stay frozen.
 ALIGNMENT_FROZEN = (
     r"^encoder/",
-    r"^text_embed/",
-    r"^lm_head/",
+    r"^(text_embed|lm_head)/",
     r"^backbone/layers_\d+/(attn|input_norm|expert_0)/",
     r"^backbone/final_norm_0/",
 )
