@@ -150,10 +150,14 @@ def train_and_evaluate_run(run: Run, root: str, steps: int, images_per_prompt: i
     workdir = os.path.join(root, run.name)
     record_path = os.path.join(workdir, RUN_FILE)
     eval_path = os.path.join(workdir, evaluate.EVAL_FILE)
-    if os.path.exists(record_path) and os.path.exists(eval_path):
-        logging.info("Reusing the finished run %s.", workdir)
+    if os.path.exists(record_path):
         with open(record_path, encoding="utf-8") as f:
-            return json.load(f)
+            record = json.load(f)
+        if os.path.exists(eval_path) and record.get("images_per_prompt") == images_per_prompt:
+            logging.info("Reusing the finished run %s.", workdir)
+            return record
+        # Trained before: evaluate again (another protocol, or evaluation was interrupted).
+        return _evaluate(workdir, record, record_path, images_per_prompt)
 
     config = variant_config(run.variant, run.dataset, run.seed, run.codebook_size, steps)
     start = time.perf_counter()
@@ -168,10 +172,18 @@ def train_and_evaluate_run(run: Run, root: str, steps: int, images_per_prompt: i
         images = jnp.asarray(np.stack([e.image for e in examples]))
         record["codebook"] = codebook_usage(state, model_config, images)
     del state
+    with open(record_path, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2)
+    return _evaluate(workdir, record, record_path, images_per_prompt)
+
+
+def _evaluate(workdir, record, record_path, images_per_prompt):
+    """Evaluate a trained run and write its record, with the evaluation time."""
+    from rf_jax import evaluate
 
     start = time.perf_counter()
     evaluate.evaluate_run(workdir, images_per_prompt=images_per_prompt)
-    record["eval_seconds"] = time.perf_counter() - start
+    record.update(eval_seconds=time.perf_counter() - start, images_per_prompt=images_per_prompt)
     with open(record_path, "w", encoding="utf-8") as f:
         json.dump(record, f, indent=2)
     return record
@@ -246,6 +258,6 @@ if __name__ == "__main__":
     flags.DEFINE_string("out", "docs/results.md", "Markdown file for the tables.")
     flags.DEFINE_integer("steps", DEFAULT_STEPS, "Training steps of every run.")
     flags.DEFINE_integer("seeds", 3, "Seeds of the pixel and pixel_rf runs on shapes.")
-    flags.DEFINE_integer("images_per_prompt", 16, "Images per GenEval prompt.")
+    flags.DEFINE_integer("images_per_prompt", 8, "Images per GenEval prompt.")
     flags.DEFINE_multi_string("only", [], "Run only the runs whose name contains this.")
     app.run(main)
