@@ -8,9 +8,9 @@ The suites follow the run's data set:
                    per prompt, read by the shape detector), and question
                    answering on test scenes (exact match, by kind of question).
     fashion_mnist  class accuracy of images generated for each class prompt and
-                   their Frechet distance to real test images, both in the
-                   feature space of an independent classifier; classification
-                   by the answer text to "what is this?" (exact match).
+                   their Frechet distance to real test images, both measured
+                   by an independent classifier. Understanding is scored by
+                   the answer to "what is this?" (exact match).
     openmoji       captions of test emoji (exact match and token F1).
 
 Results go to `{workdir}/eval.json`, and a grid of the first image of each

@@ -1,4 +1,6 @@
-"""Ablation: pixel-space generation without rep tokens (the paper's "Pixel w/o RF").
+"""Ablation: pixel-space generation without rep tokens.
+
+This is "Pixel w/o RF" in the Representation Forcing paper.
 
     python -m rf_jax.train --config experiments/ablations/pixel.py:shapes --workdir workdirs/pixel
 

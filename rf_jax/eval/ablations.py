@@ -1,4 +1,4 @@
-"""The miniature reproduction of the paper's ablations: train, evaluate, write the tables.
+"""Miniature reproduction of the Representation Forcing paper's ablations: train, evaluate, tabulate.
 
     python -m rf_jax.eval.ablations --root workdirs/ablations --out docs/results.md
 
@@ -53,7 +53,7 @@ class Run:
 
 
 def suite(seeds=3):
-    """The runs behind the tables: Table 3 on shapes, Table 2 on shapes and Fashion-MNIST."""
+    """Return the runs behind the tables: Table 3 on shapes, Table 2 on shapes and Fashion-MNIST."""
     runs = [Run(v, shapes.NAME, s) for s in range(seeds) for v in ("pixel", "pixel_rf")]
     runs += [Run("repa", shapes.NAME), Run("continuous", shapes.NAME)]
     runs += [Run("pixel_rf", shapes.NAME, codebook_size=64)]

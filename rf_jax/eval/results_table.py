@@ -1,4 +1,4 @@
-"""Markdown tables of the miniature ablations, beside the paper's numbers."""
+"""Markdown tables of the miniature ablations, beside the Representation Forcing paper's numbers."""
 
 import datetime
 import os
@@ -8,14 +8,14 @@ import numpy as np
 
 from rf_jax.eval.geneval import TASKS
 
-# The paper's pixel-space GenEval scores at 256 px (its Table 3).
+# Pixel-space GenEval scores at 256 px from Table 3 of the Representation Forcing paper.
 PAPER_TABLE3 = {
     "pixel": 0.25,
     "pixel_rf": 0.76,
     "repa": 0.43,
     "continuous": 0.26,
 }
-# The paper's understanding scores of the pixel-space models (its Table 2).
+# Understanding scores of its pixel-space models, from Table 2 of the same paper.
 PAPER_TABLE2_COLUMNS = ("MMMU", "HalluBench", "MME*", "BLINK", "RealWorldQA", "AI2D")
 PAPER_TABLE2 = {
     "pixel": (49.9, 63.7, 76.6, 49.4, 63.1, 85.8),
