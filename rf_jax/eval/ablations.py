@@ -56,8 +56,8 @@ def suite(seeds=3):
     """Return the runs behind the tables: Table 3 on shapes, Table 2 on shapes and Fashion-MNIST."""
     runs = [Run(v, shapes.NAME, s) for s in range(seeds) for v in ("pixel", "pixel_rf")]
     runs += [Run("repa", shapes.NAME), Run("continuous", shapes.NAME)]
-    runs += [Run("pixel_rf", shapes.NAME, codebook_size=64)]
     runs += [Run(v, fashion_mnist.NAME) for v in ("pixel", "pixel_rf")]
+    runs += [Run("pixel_rf", shapes.NAME, codebook_size=64)]
     return runs
 
 
