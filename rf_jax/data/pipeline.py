@@ -63,8 +63,8 @@ def mixture_sizes(batch_size: int, generation: float, understanding: float) -> t
     ):
         if weight > 0 and rows == 0:
             raise ValueError(
-                f"Mixture weight {task}={weight} gives 0 of {batch_size} rows per "
-                "process. Increase batch_size or the weight, or set it to 0."
+                f"Mixture weight {task}={weight} gives 0 of {batch_size} rows in a "
+                "batch. Increase batch_size or the weight, or set it to 0."
             )
     return gen_rows, und_rows
 
@@ -250,13 +250,66 @@ def _process_batch_rows(
             f"text_len={data_config.text_len} leaves no room for a caption token "
             "after BOS. Set text_len to 2 or more."
         )
-    batch_size = data_config.batch_size // process_count
     gen_rows, und_rows = mixture_sizes(
-        batch_size,
+        data_config.batch_size,
         data_config.mixture.generation,
         data_config.mixture.understanding,
     )
-    return batch_size, gen_rows, und_rows
+    if gen_rows % process_count or und_rows % process_count:
+        raise ValueError(
+            f"The global batch of {data_config.batch_size} rows splits into {gen_rows} "
+            f"generation and {und_rows} understanding rows, which do not divide evenly over "
+            f"process_count={process_count}. Choose data.batch_size and data.mixture so that "
+            "both row counts are multiples of the process count."
+        )
+    return (
+        data_config.batch_size // process_count,
+        gen_rows // process_count,
+        und_rows // process_count,
+    )
+
+
+def global_batch_rows(
+    gen_rows: int, und_rows: int, process_index: int, process_count: int
+) -> list[int]:
+    """Return the rows of the global batch that one process reads, in local batch order.
+
+    `gen_rows` and `und_rows` count one process's rows. A global batch holds
+    all generation rows first, then all understanding rows, and each process
+    reads one contiguous block of each. Concatenating the local batches of
+    processes 0, 1, ... per field therefore gives the global batch that one
+    process alone would read.
+    """
+    global_gen = gen_rows * process_count
+    gen = range(process_index * gen_rows, (process_index + 1) * gen_rows)
+    und = range(global_gen + process_index * und_rows, global_gen + (process_index + 1) * und_rows)
+    return list(gen) + list(und)
+
+
+class _ProcessRows(grain.MapDataset):
+    """One process's rows of each global batch of a stream, as a stream of local rows.
+
+    Element `j` is row `j % len(rows)` of local batch `j // len(rows)`, which is
+    parent element `batch * global_batch_size + rows[row]`. Only these parent
+    elements are ever read, so each process decodes its own rows alone.
+    """
+
+    def __init__(self, parent: grain.MapDataset, rows: Sequence[int], global_batch_size: int):
+        super().__init__(parent)
+        self._rows = tuple(rows)
+        self._global_batch_size = global_batch_size
+
+    def __len__(self) -> int:
+        return len(self._parent) // self._global_batch_size * len(self._rows)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        batch, row = divmod(index, len(self._rows))
+        return self._parent[batch * self._global_batch_size + self._rows[row]]
+
+    def __str__(self) -> str:
+        return f"_ProcessRows(rows={list(self._rows)}, global_batch_size={self._global_batch_size})"
 
 
 def make_train_iterator(
@@ -268,17 +321,24 @@ def make_train_iterator(
 ) -> grain.DatasetIterator:
     """Create the endless, shuffled training iterator of this process.
 
-    Each process reads the disjoint records `process_index::process_count` of
-    the `train` split and shuffles them globally with `data_config.seed`, with
-    a new order each epoch. Every batch has batch_size / process_count rows,
-    the first Bg as generation rows and the other Bu as understanding rows
-    (`mixture_sizes`).
+    All processes shuffle the whole `train` split with `data_config.seed`, with
+    a new order each epoch, and cut the stream into global batches of
+    `data_config.batch_size` examples: the first Bg * process_count of each as
+    generation rows, the rest as understanding rows (`mixture_sizes`). Each
+    process reads only its block of each (`global_batch_rows`), so the local
+    batches of processes 0, 1, ... concatenated per field equal the batch of a
+    single-process run with the same config.
 
     Returns:
         A Grain `DatasetIterator` of dicts: gen_text int32 [Bg, T], gen_image
         uint8 [Bg, H, W, 3], und_image uint8 [Bu, H, W, 3], und_text int32
-        [Bu, Tu], und_loss_mask float32 [Bu, Tu]. `get_state()` and
-        `set_state(state)` checkpoint and restore its position exactly.
+        [Bu, Tu], und_loss_mask float32 [Bu, Tu], where Bg and Bu are this
+        process's rows. `get_state()` and `set_state(state)` checkpoint and
+        restore its position exactly.
+
+    Raises:
+        ValueError: the batch size or either row count is not a multiple of
+            process_count, or the split has fewer examples than process_count.
     """
     batch_size, gen_rows, und_rows = _process_batch_rows(data_config, process_index, process_count)
     source = _open_split(data_config, tokenizer, "train")
@@ -288,16 +348,18 @@ def make_train_iterator(
             f"process_count={process_count}."
         )
 
-    dataset = (
-        grain.MapDataset.source(source)[process_index::process_count]
+    # Stream position -> (position, example); the position seeds the task choice.
+    stream = (
+        grain.MapDataset.source(source)
         .shuffle(seed=data_config.seed)
         .repeat()
         .map_with_index(_attach_index)
-        .batch(
-            batch_size,
-            drop_remainder=True,
-            batch_fn=_BatchAssembler(tokenizer, gen_rows, und_rows, data_config, "train"),
-        )
+    )
+    rows = global_batch_rows(gen_rows, und_rows, process_index, process_count)
+    dataset = _ProcessRows(stream, rows, data_config.batch_size).batch(
+        batch_size,
+        drop_remainder=True,
+        batch_fn=_BatchAssembler(tokenizer, gen_rows, und_rows, data_config, "train"),
     )
     iter_dataset = dataset.to_iter_dataset(
         grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_PREFETCH_BATCHES)
@@ -307,12 +369,14 @@ def make_train_iterator(
             grain.MultiprocessingOptions(num_workers=data_config.num_workers)
         )
     logging.info(
-        "Train iterator: process %d of %d reads %d examples of %s, %d "
-        "generation + %d understanding rows a batch.",
+        "Train iterator: process %d of %d reads rows %s of each global batch of %d "
+        "examples of %s (%d examples), %d generation + %d understanding rows.",
         process_index,
         process_count,
-        len(range(process_index, len(source), process_count)),
+        rows,
+        data_config.batch_size,
         data_config.name,
+        len(source),
         gen_rows,
         und_rows,
     )
