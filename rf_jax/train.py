@@ -4,9 +4,14 @@
 
 Any config field can be overridden, e.g. `--config.train.steps=200`. A run
 resumes from the latest checkpoint in its workdir. Outputs under the workdir:
-`checkpoints/`, TensorBoard event files, `samples/step_XXXXXX.png` grids from
-the fixed prompts, the final `samples.png`, `captions.txt` for held-out
-images, `config.json` and `tokenizer.model`.
+`checkpoints/`, TensorBoard event files, `metrics.jsonl` (one line per log
+point, see `rf_jax.metrics_log`), `samples/step_XXXXXX.png` grids from the
+fixed prompts, the final `samples.png`, `captions.txt` for held-out images,
+`config.json` and `tokenizer.model`.
+
+On several hosts, start the same command on every host with `--distributed`.
+On a TPU pod JAX finds the other processes by itself; elsewhere also pass
+`--coordinator_address=HOST:PORT --num_processes=N --process_id=I`.
 """
 
 import os
@@ -21,11 +26,13 @@ from clu import metric_writers
 from clu import periodic_actions
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from rf_jax import checkpointing
 from rf_jax.logs import quiet_library_logs
 from rf_jax import configs
+from rf_jax import metrics_log as metrics_log_lib
 from rf_jax import partitioning
 from rf_jax import trainer as trainer_lib
 from rf_jax.data import build as data_build
@@ -78,6 +85,20 @@ def log_metrics(writer, step, history, seconds, batch_size):
     return scalars
 
 
+def host_local(tree):
+    """Gather `tree` into arrays that one process can compute with alone.
+
+    With one process that is `tree` itself. With several, every process must
+    call this, because it all-gathers each array into a full numpy copy on
+    every host, so that process 0 can sample without the other processes.
+    """
+    # NOTE: every host then holds all parameters in memory; a model larger than one
+    # host's memory would need a sampler that runs on the sharded parameters instead.
+    if jax.process_count() == 1:
+        return tree
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def train_and_evaluate(config, workdir):
     """Run the whole job: data, model, resume, train loop, samples and captions."""
     # Check the config and the mesh before anything is built or written.
@@ -108,7 +129,10 @@ def train_and_evaluate(config, workdir):
 
     # Resume from the workdir, or start fresh.
     manager = checkpointing.create_manager(
-        workdir, config.train.keep_checkpoints, config.train.checkpoint_every
+        workdir,
+        config.train.keep_checkpoints,
+        config.train.checkpoint_every,
+        remove_uncommitted=True,
     )
     step, state = checkpointing.restore(manager, abstract_state, data_iterator)
     if state is None:
@@ -117,6 +141,8 @@ def train_and_evaluate(config, workdir):
         step = 0
     else:
         logging.info("Resuming from the checkpoint of step %d in %s.", step, workdir)
+    metrics_log = metrics_log_lib.MetricsLog(workdir, enabled=jax.process_index() == 0)
+    metrics_log.truncate(step)
 
     # Train step, writers and periodic actions.
     train_step = trainer.jit_train_step(state_shardings)
@@ -149,6 +175,7 @@ def train_and_evaluate(config, workdir):
                     for index, fetched in enumerate(history):
                         trainer_lib.check_finite(fetched, step - len(history) + index + 1)
                 scalars = log_metrics(writer, step, history, seconds, config.data.batch_size)
+                metrics_log.append(step, scalars)
                 logging.info("Step %d: loss %.4f (%.3f s/step).", step, scalars["loss"], seconds)
                 history = []
                 window_start = time.perf_counter()
@@ -157,8 +184,10 @@ def train_and_evaluate(config, workdir):
                 and step % config.train.sample_every == 0
                 and step < total_steps
             ):
-                path = os.path.join(workdir, "samples", f"step_{step:06d}.png")
-                generator.write_grid(state.params, path, writer, step)
+                params = host_local(state.params)
+                if jax.process_index() == 0:
+                    path = os.path.join(workdir, "samples", f"step_{step:06d}.png")
+                    generator.write_grid(params, path, writer, step)
             checkpointing.save(manager, step, state, data_iterator, force=step == total_steps)
     finally:
         # Let an in-flight save finish, also when the loop raised, so it is not left half written.
@@ -166,10 +195,11 @@ def train_and_evaluate(config, workdir):
         writer.flush()
 
     # Final sample grid and captions of held-out images.
+    params = host_local(state.params)
     if jax.process_index() == 0:
-        generator.write_grid(state.params, os.path.join(workdir, "samples.png"), writer, step)
+        generator.write_grid(params, os.path.join(workdir, "samples.png"), writer, step)
         write_captions(
-            config, model_config, tokenizer, state.params, os.path.join(workdir, "captions.txt")
+            config, model_config, tokenizer, params, os.path.join(workdir, "captions.txt")
         )
     writer.flush()
     manager.close()
@@ -185,6 +215,46 @@ def _define_flags():
         False,
         "Call jax.distributed.initialize() first: set it on every host of a multi-host run.",
     )
+    flags.DEFINE_string(
+        "coordinator_address",
+        None,
+        "With --distributed: HOST:PORT of process 0, where it serves the coordination "
+        "service. Leave unset on a TPU pod, where JAX finds it.",
+    )
+    flags.DEFINE_integer(
+        "num_processes", None, "With --distributed: the number of processes of the run."
+    )
+    flags.DEFINE_integer(
+        "process_id", None, "With --distributed: this process's index, 0 to num_processes - 1."
+    )
+
+
+def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
+    """Join a multi-process run through `jax.distributed.initialize()`.
+
+    Leave all three arguments None where JAX detects them (TPU pods, Slurm,
+    Open MPI), or pass all three. CPU processes exchange collectives over Gloo.
+
+    Raises:
+        ValueError: some of the three arguments are set and others are not.
+    """
+    arguments = dict(
+        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
+    if any(v is not None for v in arguments.values()) and any(
+        v is None for v in arguments.values()
+    ):
+        raise ValueError(
+            f"Got {arguments}: pass all of --coordinator_address, --num_processes and "
+            "--process_id, or none of them where JAX detects them (TPU pods, Slurm)."
+        )
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
+    logging.info(
+        "Joined the distributed run as process %d of %d.", jax.process_index(), jax.process_count()
+    )
 
 
 def main(argv):
@@ -194,8 +264,20 @@ def main(argv):
     values = flags.FLAGS
     if values.config is None or values.workdir is None:
         raise app.UsageError("Both --config and --workdir are required.")
+    cluster = dict(
+        coordinator_address=values.coordinator_address,
+        num_processes=values.num_processes,
+        process_id=values.process_id,
+    )
     if values.distributed:
-        jax.distributed.initialize()
+        try:
+            initialize_distributed(**cluster)
+        except ValueError as error:
+            raise app.UsageError(str(error)) from error
+    elif any(v is not None for v in cluster.values()):
+        raise app.UsageError(
+            "--coordinator_address, --num_processes and --process_id need --distributed."
+        )
     train_and_evaluate(values.config, values.workdir)
 
 
