@@ -10,7 +10,7 @@ fixed prompts, the final `samples.png`, `captions.txt` for held-out images,
 `config.json` and `tokenizer.model`.
 
 On several hosts, start the same command on every host with `--distributed`.
-On a TPU pod JAX finds the other processes by itself; elsewhere also pass
+On a TPU pod JAX finds the other processes by itself. Elsewhere also pass
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`.
 """
 
@@ -92,7 +92,7 @@ def host_local(tree):
     call this, because it all-gathers each array into a full numpy copy on
     every host, so that process 0 can sample without the other processes.
     """
-    # NOTE: every host then holds all parameters in memory; a model larger than one
+    # NOTE: every host then keeps all parameters in its memory. A model larger than one
     # host's memory would need a sampler that runs on the sharded parameters instead.
     if jax.process_count() == 1:
         return tree
@@ -233,11 +233,14 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
     """Join a multi-process run through `jax.distributed.initialize()`.
 
     Leave all three arguments None where JAX detects them (TPU pods, Slurm,
-    Open MPI), or pass all three. CPU processes exchange collectives over Gloo.
+    Open MPI), or pass all three. The coordinator address may also come from
+    the JAX_COORDINATOR_ADDRESS environment variable, which JAX reads. CPU
+    processes exchange collectives over Gloo.
 
     Raises:
         ValueError: some of the three arguments are set and others are not.
     """
+    coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
     arguments = dict(
         coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
     )

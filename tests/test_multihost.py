@@ -28,11 +28,11 @@ KILL_AFTER_COMMIT = 6
 # all rows at once, so float32 rounding differs. Over 15 steps the losses and the
 # gradient norm differed by at most 2.6e-6 relative (CPU, jax 0.10.2), so 1e-4 is allowed.
 LOSS_RTOL = 1e-4
-# Adam divides by the root of the second moment, so an array whose gradient is near
+# Adam divides by the root of the second moment. So an array whose gradient is near
 # zero (the attention key biases here) moves by up to the learning rate on rounding
-# noise alone, and single arrays can differ far more than the model does. So each
-# part of the state is compared as a whole by its relative norm error, which was at
-# most 1.1e-6 after 15 steps, so 1e-4 is allowed.
+# noise alone, and single arrays can differ far more than the model does. Each part
+# of the state is therefore compared as a whole by its relative norm error. That
+# error was at most 1.1e-6 after 15 steps, so 1e-4 is allowed.
 STATE_RELATIVE_NORM = 1e-4
 STATE_PARTS = ("params/", "opt_state/", "ema_encoder/", "codebook/")
 
@@ -176,6 +176,13 @@ def test_two_process_state_matches_one_process(two_process_run, reference_run):
         dict(coordinator_address="127.0.0.1:1234", num_processes=2),
     ],
 )
-def test_partial_cluster_arguments_rejected(arguments):
+def test_partial_cluster_arguments_rejected(arguments, monkeypatch):
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
     with pytest.raises(ValueError, match="pass all of --coordinator_address"):
         train.initialize_distributed(**arguments)
+
+
+def test_coordinator_address_from_environment_counts(monkeypatch):
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1234")
+    with pytest.raises(ValueError, match="'coordinator_address': '127.0.0.1:1234'"):
+        train.initialize_distributed(num_processes=2)
