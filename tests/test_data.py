@@ -14,6 +14,7 @@ from rf_jax.data import build
 from rf_jax.data import fashion_mnist
 from rf_jax.data import openmoji
 from rf_jax.data import pipeline
+from rf_jax.data import process_rows
 from rf_jax.data import records
 from rf_jax.data import tokenizer as tokenizer_lib
 
@@ -593,8 +594,8 @@ def test_process_batches_form_global_batch(synthetic_root, synthetic_tokenizer, 
 
 def test_global_batch_rows_blocks():
     # 2 processes, each with 3 generation and 1 understanding row of a batch of 8.
-    assert pipeline.global_batch_rows(3, 1, 0, 2) == [0, 1, 2, 6]
-    assert pipeline.global_batch_rows(3, 1, 1, 2) == [3, 4, 5, 7]
+    assert process_rows.global_batch_rows(3, 1, 0, 2) == [0, 1, 2, 6]
+    assert process_rows.global_batch_rows(3, 1, 1, 2) == [3, 4, 5, 7]
 
 
 def test_mixture_not_divisible_by_processes(synthetic_root, synthetic_tokenizer):

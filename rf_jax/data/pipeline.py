@@ -23,6 +23,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from rf_jax.data import process_rows
 from rf_jax.data import records
 from rf_jax.data import tokenizer as tokenizer_lib
 
@@ -269,49 +270,6 @@ def _process_batch_rows(
     )
 
 
-def global_batch_rows(
-    gen_rows: int, und_rows: int, process_index: int, process_count: int
-) -> list[int]:
-    """Return the rows of the global batch that one process reads, in local batch order.
-
-    `gen_rows` and `und_rows` count one process's rows. A global batch holds
-    all generation rows first, then all understanding rows, and each process
-    reads one contiguous block of each. Concatenating the local batches of
-    processes 0, 1, ... per field therefore gives the global batch that one
-    process alone would read.
-    """
-    global_gen = gen_rows * process_count
-    gen = range(process_index * gen_rows, (process_index + 1) * gen_rows)
-    und = range(global_gen + process_index * und_rows, global_gen + (process_index + 1) * und_rows)
-    return list(gen) + list(und)
-
-
-class _ProcessRows(grain.MapDataset):
-    """One process's rows of each global batch of a stream, as a stream of local rows.
-
-    Element `j` is row `j % len(rows)` of local batch `j // len(rows)`, which is
-    parent element `batch * global_batch_size + rows[row]`. Only these parent
-    elements are ever read, so each process decodes its own rows alone.
-    """
-
-    def __init__(self, parent: grain.MapDataset, rows: Sequence[int], global_batch_size: int):
-        super().__init__(parent)
-        self._rows = tuple(rows)
-        self._global_batch_size = global_batch_size
-
-    def __len__(self) -> int:
-        return len(self._parent) // self._global_batch_size * len(self._rows)
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return self.slice(index)
-        batch, row = divmod(index, len(self._rows))
-        return self._parent[batch * self._global_batch_size + self._rows[row]]
-
-    def __str__(self) -> str:
-        return f"_ProcessRows(rows={list(self._rows)}, global_batch_size={self._global_batch_size})"
-
-
 def make_train_iterator(
     data_config: ml_collections.ConfigDict,
     tokenizer: tokenizer_lib.Tokenizer,
@@ -325,9 +283,9 @@ def make_train_iterator(
     a new order each epoch, and cut the stream into global batches of
     `data_config.batch_size` examples: the first Bg * process_count of each as
     generation rows, the rest as understanding rows (`mixture_sizes`). Each
-    process reads only its block of each (`global_batch_rows`), so the local
-    batches of processes 0, 1, ... concatenated per field equal the batch of a
-    single-process run with the same config.
+    process reads only its block of each (`process_rows.global_batch_rows`),
+    so the local batches of processes 0, 1, ... concatenated per field equal
+    the batch of a single-process run with the same config.
 
     Returns:
         A Grain `DatasetIterator` of dicts: gen_text int32 [Bg, T], gen_image
@@ -355,8 +313,8 @@ def make_train_iterator(
         .repeat()
         .map_with_index(_attach_index)
     )
-    rows = global_batch_rows(gen_rows, und_rows, process_index, process_count)
-    dataset = _ProcessRows(stream, rows, data_config.batch_size).batch(
+    rows = process_rows.global_batch_rows(gen_rows, und_rows, process_index, process_count)
+    dataset = process_rows.ProcessRows(stream, rows, data_config.batch_size).batch(
         batch_size,
         drop_remainder=True,
         batch_fn=_BatchAssembler(tokenizer, gen_rows, und_rows, data_config, "train"),
