@@ -1,9 +1,13 @@
 """Orbax checkpoints of the train state together with the Grain iterator state.
 
 Saves are asynchronous and atomic: Orbax writes each step into a temporary
-directory and renames it when complete, so a run killed during a save
-leaves the previous checkpoint as the latest one. The last `keep` steps are
-kept. Restores go straight into the target shardings.
+directory (`<step>.orbax-checkpoint-tmp` on a local or network file system)
+and renames it when complete. A run killed during a save therefore leaves
+the previous checkpoint as the latest one, which `latest_step()` and
+`restore` use, because Orbax ignores uncommitted directories. The training
+manager (`remove_uncommitted=True`) logs and deletes such leftovers when it
+starts. The last `keep` steps are kept. Restores go straight into the
+target shardings.
 """
 
 import os
@@ -27,13 +31,23 @@ def checkpoint_dir(workdir):
     return os.path.join(_absolute(workdir), "checkpoints")
 
 
-def create_manager(workdir, keep=3, save_every=None, asynchronous=True):
-    """Create a CheckpointManager over `workdir/checkpoints` for the train state and data state."""
+def create_manager(workdir, keep=3, save_every=None, asynchronous=True, remove_uncommitted=False):
+    """Create a CheckpointManager over `workdir/checkpoints` for the train state and data state.
+
+    With `remove_uncommitted`, directories of saves that never completed (a run
+    killed while saving) are logged and deleted. Only the training run may set
+    it, because a reader would delete the save in progress of a run that is
+    still training.
+    """
+    directory = checkpoint_dir(workdir)
+    if remove_uncommitted:
+        _log_uncommitted(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         save_interval_steps=save_every or 1,
         create=True,
         enable_async_checkpointing=asynchronous,
+        cleanup_tmp_directories=remove_uncommitted,
     )
     # Registering the handlers up front lets a fresh manager read metadata before a restore.
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
@@ -41,9 +55,22 @@ def create_manager(workdir, keep=3, save_every=None, asynchronous=True):
     registry.add(STATE, ocp.args.StandardRestore)
     registry.add(DATA, grain.checkpoint.CheckpointSave)
     registry.add(DATA, grain.checkpoint.CheckpointRestore)
-    return ocp.CheckpointManager(
-        checkpoint_dir(workdir), options=options, handler_registry=registry
-    )
+    return ocp.CheckpointManager(directory, options=options, handler_registry=registry)
+
+
+def _log_uncommitted(directory):
+    """Log the uncommitted save directories under `directory` that the manager will delete."""
+    if jax.process_index() != 0 or not os.path.isdir(directory):
+        return
+    leftovers = sorted(ocp.path.step.tmp_checkpoints(directory))
+    if leftovers:
+        logging.warning(
+            "Deleting %d uncommitted checkpoint directories under %s that an interrupted "
+            "save left: %s. Restores use committed steps only.",
+            len(leftovers),
+            directory,
+            leftovers,
+        )
 
 
 def save(manager, step, state, data_iterator=None, force=False):

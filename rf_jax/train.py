@@ -4,10 +4,15 @@
 
 Any config field can be overridden, e.g. `--config.train.steps=200`. A run
 resumes from the latest checkpoint in its workdir. Outputs under the workdir:
-`checkpoints/`, TensorBoard event files, `samples/step_XXXXXX.png` grids from
-the fixed prompts, the final `samples.png`, `captions.txt` for held-out
-images, `config.json` and `tokenizer.model` (or, when the run starts from a
+`checkpoints/`, TensorBoard event files, `metrics.jsonl` (one line per log
+point, see `rf_jax.metrics_log`), `samples/step_XXXXXX.png` grids from the
+fixed prompts, the final `samples.png`, `captions.txt` for held-out images,
+`config.json` and `tokenizer.model` (or, when the run starts from a
 pretrained LLM, its `tokenizer.json` and `special_tokens.json`).
+
+On several hosts, start the same command on every host with `--distributed`.
+On a TPU pod JAX finds the other processes by itself. Elsewhere also pass
+`--coordinator_address=HOST:PORT --num_processes=N --process_id=I`.
 """
 
 import os
@@ -22,11 +27,13 @@ from clu import periodic_actions
 from etils import epath
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from rf_jax import checkpointing
 from rf_jax.logs import quiet_library_logs
 from rf_jax import configs
+from rf_jax import metrics_log as metrics_log_lib
 from rf_jax import partitioning
 from rf_jax import pretrained
 from rf_jax import trainer as trainer_lib
@@ -109,6 +116,20 @@ def start_from_previous_stage(trainer, abstract_state, config):
     return trainer.init_state(config.train.seed).replace(**restored)
 
 
+def host_local(tree):
+    """Gather `tree` into arrays that one process can compute with alone.
+
+    With one process that is `tree` itself. With several, every process must
+    call this, because it all-gathers each array into a full numpy copy on
+    every host, so that process 0 can sample without the other processes.
+    """
+    # NOTE: every host then keeps all parameters in its memory. A model larger than one
+    # host's memory would need a sampler that runs on the sharded parameters instead.
+    if jax.process_count() == 1:
+        return tree
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def train_and_evaluate(config, workdir):
     """Run the whole job: data, model, resume, train loop, samples and captions."""
     # Check the config and the mesh before anything is built or written.
@@ -140,7 +161,10 @@ def train_and_evaluate(config, workdir):
 
     # Start-up: this run's checkpoint, else the previous stage's, else fresh initialisation.
     manager = checkpointing.create_manager(
-        workdir, config.train.keep_checkpoints, config.train.checkpoint_every
+        workdir,
+        config.train.keep_checkpoints,
+        config.train.checkpoint_every,
+        remove_uncommitted=True,
     )
     step, state = checkpointing.restore(manager, abstract_state, data_iterator)
     if state is not None:
@@ -155,6 +179,8 @@ def train_and_evaluate(config, workdir):
         state, step = trainer.init_state(config.train.seed), 0
         # Pretrained language model and encoder weights, when config.init names them.
         state = pretrained.load_for_training(config, model_config, state)
+    metrics_log = metrics_log_lib.MetricsLog(workdir, enabled=jax.process_index() == 0)
+    metrics_log.truncate(step)
 
     # Train step, writers and periodic actions.
     train_step = trainer.jit_train_step(state_shardings)
@@ -187,6 +213,7 @@ def train_and_evaluate(config, workdir):
                     for index, fetched in enumerate(history):
                         trainer_lib.check_finite(fetched, step - len(history) + index + 1)
                 scalars = log_metrics(writer, step, history, seconds, config.data.batch_size)
+                metrics_log.append(step, scalars)
                 logging.info("Step %d: loss %.4f (%.3f s/step).", step, scalars["loss"], seconds)
                 history = []
                 window_start = time.perf_counter()
@@ -195,8 +222,10 @@ def train_and_evaluate(config, workdir):
                 and step % config.train.sample_every == 0
                 and step < total_steps
             ):
-                path = os.path.join(workdir, "samples", f"step_{step:06d}.png")
-                generator.write_grid(state.params, path, writer, step)
+                params = host_local(state.params)
+                if jax.process_index() == 0:
+                    path = os.path.join(workdir, "samples", f"step_{step:06d}.png")
+                    generator.write_grid(params, path, writer, step)
             checkpointing.save(manager, step, state, data_iterator, force=step == total_steps)
     finally:
         # Let an in-flight save finish, also when the loop raised, so it is not left half written.
@@ -204,10 +233,11 @@ def train_and_evaluate(config, workdir):
         writer.flush()
 
     # Final sample grid and captions of held-out images.
+    params = host_local(state.params)
     if jax.process_index() == 0:
-        generator.write_grid(state.params, os.path.join(workdir, "samples.png"), writer, step)
+        generator.write_grid(params, os.path.join(workdir, "samples.png"), writer, step)
         write_captions(
-            config, model_config, tokenizer, state.params, os.path.join(workdir, "captions.txt")
+            config, model_config, tokenizer, params, os.path.join(workdir, "captions.txt")
         )
     writer.flush()
     manager.close()
@@ -223,6 +253,49 @@ def _define_flags():
         False,
         "Call jax.distributed.initialize() first: set it on every host of a multi-host run.",
     )
+    flags.DEFINE_string(
+        "coordinator_address",
+        None,
+        "With --distributed: HOST:PORT of process 0, where it serves the coordination "
+        "service. Leave unset on a TPU pod, where JAX finds it.",
+    )
+    flags.DEFINE_integer(
+        "num_processes", None, "With --distributed: the number of processes of the run."
+    )
+    flags.DEFINE_integer(
+        "process_id", None, "With --distributed: this process's index, 0 to num_processes - 1."
+    )
+
+
+def initialize_distributed(coordinator_address=None, num_processes=None, process_id=None):
+    """Join a multi-process run through `jax.distributed.initialize()`.
+
+    Leave all three arguments None where JAX detects them (TPU pods, Slurm,
+    Open MPI), or pass all three. The coordinator address may also come from
+    the JAX_COORDINATOR_ADDRESS environment variable, which JAX reads. CPU
+    processes exchange collectives over Gloo.
+
+    Raises:
+        ValueError: some of the three arguments are set and others are not.
+    """
+    coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    arguments = dict(
+        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
+    if any(v is not None for v in arguments.values()) and any(
+        v is None for v in arguments.values()
+    ):
+        raise ValueError(
+            f"Got {arguments}: pass all of --coordinator_address, --num_processes and "
+            "--process_id, or none of them where JAX detects them (TPU pods, Slurm)."
+        )
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
+    logging.info(
+        "Joined the distributed run as process %d of %d.", jax.process_index(), jax.process_count()
+    )
 
 
 def main(argv):
@@ -232,8 +305,20 @@ def main(argv):
     values = flags.FLAGS
     if values.config is None or values.workdir is None:
         raise app.UsageError("Both --config and --workdir are required.")
+    cluster = dict(
+        coordinator_address=values.coordinator_address,
+        num_processes=values.num_processes,
+        process_id=values.process_id,
+    )
     if values.distributed:
-        jax.distributed.initialize()
+        try:
+            initialize_distributed(**cluster)
+        except ValueError as error:
+            raise app.UsageError(str(error)) from error
+    elif any(v is not None for v in cluster.values()):
+        raise app.UsageError(
+            "--coordinator_address, --num_processes and --process_id need --distributed."
+        )
     train_and_evaluate(values.config, values.workdir)
 
 

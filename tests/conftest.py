@@ -59,3 +59,35 @@ def tiny():
         ],
     )
     return config, model_config, model, params
+
+
+@pytest.fixture(scope="session")
+def cli_data_dir(tmp_path_factory):
+    """Data root with OpenMoji built at 16 px for the launched training runs.
+
+    It is the whole set, which takes about 5 s to build, because
+    `rf_jax.train` builds without a limit and would replace a limited build.
+    """
+    from rf_jax.data import build
+
+    root = str(tmp_path_factory.mktemp("cli_data"))
+    build.build_dataset("openmoji", root, 16, 200)
+    return root
+
+
+@pytest.fixture(scope="session")
+def cli_env(tmp_path_factory):
+    """Environment of launched runs, with a compile cache shared by all of them."""
+    import train_cli
+
+    return train_cli.cli_env(str(tmp_path_factory.mktemp("jax_cache")))
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, cli_data_dir, cli_env):
+    """Workdir of one uninterrupted single-process run of the tiny training config."""
+    import train_cli
+
+    workdir = str(tmp_path_factory.mktemp("reference_run"))
+    train_cli.run(workdir, cli_data_dir, os.path.join(workdir, "train.log"), cli_env)
+    return workdir

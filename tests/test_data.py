@@ -14,6 +14,7 @@ from rf_jax.data import build
 from rf_jax.data import fashion_mnist
 from rf_jax.data import openmoji
 from rf_jax.data import pipeline
+from rf_jax.data import process_rows
 from rf_jax.data import records
 from rf_jax.data import tokenizer as tokenizer_lib
 
@@ -570,6 +571,39 @@ def test_process_sharding_disjoint(synthetic_root, synthetic_tokenizer):
     assert len(seen[0]) == NUM_TRAIN // 2
     assert not seen[0] & seen[1]
     assert seen[0] | seen[1] == set(range(NUM_TRAIN))
+
+
+@pytest.mark.parametrize("process_count", [2, 4])
+def test_process_batches_form_global_batch(synthetic_root, synthetic_tokenizer, process_count):
+    config = make_config(synthetic_root)
+    single = take(pipeline.make_train_iterator(config, synthetic_tokenizer), 5)
+    shards = [
+        take(
+            pipeline.make_train_iterator(
+                config, synthetic_tokenizer, process_index=index, process_count=process_count
+            ),
+            5,
+        )
+        for index in range(process_count)
+    ]
+    for step, expected in enumerate(single):
+        for field, array in expected.items():
+            joined = np.concatenate([shard[step][field] for shard in shards])
+            np.testing.assert_array_equal(joined, array, err_msg=f"batch {step} field {field}")
+
+
+def test_global_batch_rows_blocks():
+    # 2 processes, each with 3 generation and 1 understanding row of a batch of 8.
+    assert process_rows.global_batch_rows(3, 1, 0, 2) == [0, 1, 2, 6]
+    assert process_rows.global_batch_rows(3, 1, 1, 2) == [3, 4, 5, 7]
+
+
+def test_mixture_not_divisible_by_processes(synthetic_root, synthetic_tokenizer):
+    # 8 rows at 0.75 / 0.25 give 6 generation and 2 understanding rows, and 4 processes
+    # would need 1.5 generation rows each.
+    config = make_config(synthetic_root, mixture=dict(generation=0.75, understanding=0.25))
+    with pytest.raises(ValueError, match="6 generation and 2 understanding rows"):
+        pipeline.make_train_iterator(config, synthetic_tokenizer, process_count=4)
 
 
 def test_batch_not_divisible(synthetic_root, synthetic_tokenizer):

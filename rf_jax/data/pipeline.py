@@ -23,6 +23,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from rf_jax.data import process_rows
 from rf_jax.data import records
 from rf_jax.data import tokenizer as tokenizer_lib
 
@@ -63,8 +64,8 @@ def mixture_sizes(batch_size: int, generation: float, understanding: float) -> t
     ):
         if weight > 0 and rows == 0:
             raise ValueError(
-                f"Mixture weight {task}={weight} gives 0 of {batch_size} rows per "
-                "process. Increase batch_size or the weight, or set it to 0."
+                f"Mixture weight {task}={weight} gives 0 of {batch_size} rows in a "
+                "batch. Increase batch_size or the weight, or set it to 0."
             )
     return gen_rows, und_rows
 
@@ -255,13 +256,23 @@ def _process_batch_rows(
             f"text_len={data_config.text_len} leaves no room for a caption token "
             "after BOS. Set text_len to 2 or more."
         )
-    batch_size = data_config.batch_size // process_count
     gen_rows, und_rows = mixture_sizes(
-        batch_size,
+        data_config.batch_size,
         data_config.mixture.generation,
         data_config.mixture.understanding,
     )
-    return batch_size, gen_rows, und_rows
+    if gen_rows % process_count or und_rows % process_count:
+        raise ValueError(
+            f"The global batch of {data_config.batch_size} rows splits into {gen_rows} "
+            f"generation and {und_rows} understanding rows, which do not divide evenly over "
+            f"process_count={process_count}. Choose data.batch_size and data.mixture so that "
+            "both row counts are multiples of the process count."
+        )
+    return (
+        data_config.batch_size // process_count,
+        gen_rows // process_count,
+        und_rows // process_count,
+    )
 
 
 def make_train_iterator(
@@ -273,17 +284,24 @@ def make_train_iterator(
 ) -> grain.DatasetIterator:
     """Create the endless, shuffled training iterator of this process.
 
-    Each process reads the disjoint records `process_index::process_count` of
-    the `train` split and shuffles them globally with `data_config.seed`, with
-    a new order each epoch. Every batch has batch_size / process_count rows,
-    the first Bg as generation rows and the other Bu as understanding rows
-    (`mixture_sizes`).
+    All processes shuffle the whole `train` split with `data_config.seed`, with
+    a new order each epoch, and cut the stream into global batches of
+    `data_config.batch_size` examples: the first Bg * process_count of each as
+    generation rows, the rest as understanding rows (`mixture_sizes`). Each
+    process reads only its block of each (`process_rows.global_batch_rows`),
+    so the local batches of processes 0, 1, ... concatenated per field equal
+    the batch of a single-process run with the same config.
 
     Returns:
         A Grain `DatasetIterator` of dicts: gen_text int32 [Bg, T], gen_image
         uint8 [Bg, H, W, 3], und_image uint8 [Bu, H, W, 3], und_text int32
-        [Bu, Tu], und_loss_mask float32 [Bu, Tu]. `get_state()` and
-        `set_state(state)` checkpoint and restore its position exactly.
+        [Bu, Tu], und_loss_mask float32 [Bu, Tu], where Bg and Bu are this
+        process's rows. `get_state()` and `set_state(state)` checkpoint and
+        restore its position exactly.
+
+    Raises:
+        ValueError: the batch size or either row count is not a multiple of
+            process_count, or the split has fewer examples than process_count.
     """
     batch_size, gen_rows, und_rows = _process_batch_rows(data_config, process_index, process_count)
     source = _open_split(data_config, tokenizer, "train")
@@ -293,16 +311,18 @@ def make_train_iterator(
             f"process_count={process_count}."
         )
 
-    dataset = (
-        grain.MapDataset.source(source)[process_index::process_count]
+    # Stream position -> (position, example); the position seeds the task choice.
+    stream = (
+        grain.MapDataset.source(source)
         .shuffle(seed=data_config.seed)
         .repeat()
         .map_with_index(_attach_index)
-        .batch(
-            batch_size,
-            drop_remainder=True,
-            batch_fn=_BatchAssembler(tokenizer, gen_rows, und_rows, data_config, "train"),
-        )
+    )
+    rows = process_rows.global_batch_rows(gen_rows, und_rows, process_index, process_count)
+    dataset = process_rows.ProcessRows(stream, rows, data_config.batch_size).batch(
+        batch_size,
+        drop_remainder=True,
+        batch_fn=_BatchAssembler(tokenizer, gen_rows, und_rows, data_config, "train"),
     )
     iter_dataset = dataset.to_iter_dataset(
         grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_PREFETCH_BATCHES)
@@ -312,12 +332,14 @@ def make_train_iterator(
             grain.MultiprocessingOptions(num_workers=data_config.num_workers)
         )
     logging.info(
-        "Train iterator: process %d of %d reads %d examples of %s, %d "
-        "generation + %d understanding rows a batch.",
+        "Train iterator: process %d of %d reads rows %s of each global batch of %d "
+        "examples of %s (%d examples), %d generation + %d understanding rows.",
         process_index,
         process_count,
-        len(range(process_index, len(source), process_count)),
+        rows,
+        data_config.batch_size,
         data_config.name,
+        len(source),
         gen_rows,
         und_rows,
     )
