@@ -162,14 +162,24 @@ def evaluate_fashion_generation(generator, params, examples, classifier, per_cla
     }
 
 
-def evaluate_run(workdir, images_per_prompt=4, num_examples=300, classifier_dir=None):
-    """Run the suites of the run's data set and write `{workdir}/eval.json`."""
+def evaluate_run(
+    workdir,
+    images_per_prompt=4,
+    num_examples=300,
+    classifier_dir=None,
+    output_name=EVAL_FILE,
+    **sampler_overrides,
+):
+    """Run the suites of the run's data set and write `{workdir}/{output_name}`.
+
+    `sampler_overrides` (e.g. `text_scale=1.0`) replace fields of the run's sampler config.
+    """
     config, model_config, tokenizer, params = load_run(workdir)
     start = time.perf_counter()
-    generator = Generator(config, model_config, tokenizer)
+    generator = Generator(config, model_config, tokenizer, **sampler_overrides)
     examples = pipeline.load_examples(config.data, tokenizer, "test", num_examples)
     name = config.data.name
-    result = {"dataset": name, "variant": model_config.variant}
+    result = {"dataset": name, "variant": model_config.variant, "sampler": sampler_overrides}
     if name == shapes.NAME:
         metadata = shapes_prompts.geneval_prompts_path(pipeline.dataset_dir(config.data))
         grid = os.path.join(workdir, "eval_samples.png")
@@ -192,7 +202,7 @@ def evaluate_run(workdir, images_per_prompt=4, num_examples=300, classifier_dir=
     else:
         result["captions"] = evaluate_captions(model_config, tokenizer, params, examples)
     result["seconds"] = time.perf_counter() - start
-    with open(os.path.join(workdir, EVAL_FILE), "w", encoding="utf-8") as f:
+    with open(os.path.join(workdir, output_name), "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
     logging.info("Evaluation of %s: %s", workdir, _summary(result))
     return result
@@ -216,8 +226,18 @@ def main(argv: Sequence[str]):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     values = flags.FLAGS
+    overrides = {
+        name: getattr(values, name)
+        for name in ("text_scale", "rep_scale", "rep_logits_scale", "num_steps")
+        if getattr(values, name) is not None
+    }
     result = evaluate_run(
-        values.workdir, values.images_per_prompt, values.num_examples, values.classifier_dir
+        values.workdir,
+        values.images_per_prompt,
+        values.num_examples,
+        values.classifier_dir,
+        values.output_name,
+        **overrides,
     )
     print(_summary(result))
 
@@ -227,5 +247,10 @@ if __name__ == "__main__":
     flags.DEFINE_integer("images_per_prompt", 4, "Images generated per GenEval prompt.")
     flags.DEFINE_integer("num_examples", 300, "Test examples for the understanding suites.")
     flags.DEFINE_string("classifier_dir", None, "Cache of the Fashion-MNIST classifier.")
+    flags.DEFINE_string("output_name", EVAL_FILE, "File name of the results in the workdir.")
+    flags.DEFINE_float("text_scale", None, "Text guidance scale (default: the run's).")
+    flags.DEFINE_float("rep_scale", None, "Rep-condition guidance scale (default: the run's).")
+    flags.DEFINE_float("rep_logits_scale", None, "Guidance on rep logits (default: the run's).")
+    flags.DEFINE_integer("num_steps", None, "ODE steps (default: the run's).")
     flags.mark_flag_as_required("workdir")
     app.run(main)
