@@ -154,7 +154,7 @@ def render(results, steps, seeds, machine, notes):
     date = datetime.date.today().isoformat()
     scored = [r["eval"]["geneval"] for r in results.values() if "geneval" in r["eval"]]
     images = scored[0]["images"] // scored[0]["prompts"] if scored else 0
-    return f"""# Miniature reproduction of the paper's ablations
+    return f"""# Miniature reproduction of the Representation Forcing ablations
 
 Produced by one command (runs that finished before are reused):
 
