@@ -19,6 +19,7 @@ GenEval prompt to `{workdir}/eval_samples.png`.
 
 import json
 import os
+import sys
 import time
 from typing import Sequence
 
@@ -231,14 +232,17 @@ def main(argv: Sequence[str]):
         for name in ("text_scale", "rep_scale", "rep_logits_scale", "num_steps")
         if getattr(values, name) is not None
     }
-    result = evaluate_run(
-        values.workdir,
-        values.images_per_prompt,
-        values.num_examples,
-        values.classifier_dir,
-        values.output_name,
-        **overrides,
-    )
+    try:
+        result = evaluate_run(
+            values.workdir,
+            values.images_per_prompt,
+            values.num_examples,
+            values.classifier_dir,
+            values.output_name,
+            **overrides,
+        )
+    except FileNotFoundError as error:
+        sys.exit(f"Evaluation failed: {error}")
     print(_summary(result))
 
 
