@@ -5,7 +5,7 @@
 
 A run with no checkpoint in its workdir starts from the parameters, EMA
 encoder and codebook of the stage-1 run in `train.init_from`, with a fresh
-optimiser and data iterator; the log records which start it took. Generation
+optimiser and data iterator. The log records which start it took. Generation
 rows dominate the mixture.
 
 `:small` continues `workdirs/stage1_align_small` here (32 px, two minutes):

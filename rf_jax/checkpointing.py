@@ -22,7 +22,7 @@ DATA = "data"
 
 
 def _absolute(path):
-    """An absolute local path; a bucket path (gs://...) is kept as it is."""
+    """Return `path` made absolute, or unchanged for a bucket path (gs://...)."""
     path = str(path)
     return path if "://" in path else os.path.abspath(path)
 
@@ -161,7 +161,7 @@ def restore_parts(workdir, abstract_parts, step=None):
         (step, {name: restored subtree}).
 
     Raises:
-        FileNotFoundError: the directory holds no checkpoint.
+        FileNotFoundError: the directory contains no checkpoint.
         ValueError: the checkpoint's arrays do not fit `abstract_parts` (listed).
     """
     directory = _absolute(workdir)

@@ -64,8 +64,8 @@ class MetricsLog:
         self.path = metrics_path(workdir)
         self.enabled = enabled
         if enabled and "://" in str(workdir):
-            # NOTE: the file is rewritten in place and appended to, which object stores do
-            # not offer; a bucket workdir keeps its metrics in the TensorBoard events only.
+            # NOTE: object stores cannot append to or rewrite a file in place, so a bucket
+            # workdir keeps its metrics in the TensorBoard events only.
             logging.warning("Not writing %s: the workdir is on a bucket.", self.path)
             self.enabled = False
 

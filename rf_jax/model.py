@@ -236,7 +236,7 @@ class RFModel(nn.Module):
         return x + time[:, None, :] + sincos_2d(cfg.pixel_grid, cfg.backbone.width).astype(x.dtype)
 
     def embed_bor(self, batch):
-        """The BOR embedding, [batch, 1, width]; it gets no grid embedding."""
+        """Return the BOR embedding [batch, 1, width], which gets no grid embedding."""
         return self.rep_embed(jnp.full((batch, 1), self.config.bor_id, jnp.int32))
 
     def embed_rep(self, rep, cells):

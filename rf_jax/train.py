@@ -41,7 +41,7 @@ from rf_jax.data import build as data_build
 from rf_jax.data import pipeline
 from rf_jax.inference import Generator, write_captions
 
-# What a stage takes over from the previous one.
+# Train-state fields that a stage takes over from the previous one.
 STAGE_CARRIED = ("params", "ema_encoder", "codebook")
 
 

@@ -183,7 +183,7 @@ class Trainer:
             return init(jax.random.key(seed))
 
     def rep_targets(self, ema_encoder, codebook, gen_images):
-        """What the generation loss needs of the EMA encoder, without gradient.
+        """Compute the EMA encoder's targets for the generation loss, without gradient.
 
         Returns:
             (features [n, enc_width] for the codebook update, n = 0 when the

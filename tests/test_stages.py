@@ -93,7 +93,7 @@ def test_alignment_stage_keeps_the_frozen_parameters(stage1):
         assert not np.array_equal(final[name], initial[name]), f"{name} did not train"
 
 
-def test_next_stage_starts_from_previous_parameters_with_fresh_optimiser(stage1, data_dir):
+def test_next_stage_takes_previous_parameters(stage1, data_dir):
     workdir, _, previous = stage1
     config = _stage_config(stage2_pretrain, data_dir, init_from=workdir)
     trainer = _trainer(config)
@@ -111,7 +111,7 @@ def test_next_stage_starts_from_previous_parameters_with_fresh_optimiser(stage1,
             np.testing.assert_array_equal(np.asarray(leaf), 0.0)
 
 
-def test_stage_run_logs_its_start_and_resumes_its_own_checkpoint_first(stage2, data_dir, caplog):
+def test_stage_resumes_own_checkpoint_first(stage2, data_dir, caplog):
     workdir, config, state = stage2
     assert int(state.step) == 4
     config.train.steps = 6

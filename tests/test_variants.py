@@ -156,7 +156,7 @@ def _trainer(config, model_config):
 
 
 @pytest.mark.parametrize("variant", ["pixel", "repa", "continuous"])
-def test_train_step_of_each_ablation_is_finite_and_leaves_the_codebook(variant):
+def test_ablation_train_step_keeps_codebook(variant):
     config, model_config, _, _ = _variant_setup(variant)
     trainer = _trainer(config, model_config)
     state = trainer.init_state(0)
@@ -170,7 +170,7 @@ def test_train_step_of_each_ablation_is_finite_and_leaves_the_codebook(variant):
     np.testing.assert_array_equal(np.asarray(state.codebook.prototypes), prototypes)
 
 
-def test_repa_loss_is_the_weighted_negative_cosine_to_ema_features():
+def test_repa_loss_weighted_cosine():
     config, model_config, _, _ = _variant_setup("repa")
     trainer = _trainer(config, model_config)
     state = trainer.init_state(0)
@@ -192,7 +192,7 @@ def test_repa_loss_is_the_weighted_negative_cosine_to_ema_features():
     assert -1.0 <= float(with_repa[1]["loss_repa"]) <= 1.0
 
 
-def test_continuous_rep_loss_is_the_mean_squared_error_of_next_features():
+def test_continuous_rep_loss_is_mse():
     _, model_config, model, _ = _variant_setup("continuous")
     rng = np.random.default_rng(3)
     prediction = rng.normal(size=(2, model_config.num_rep, model_config.encoder.width))

@@ -62,7 +62,7 @@ def suite(seeds=3):
 
 
 def variant_config(variant, dataset=shapes.NAME, seed=0, codebook_size=256, steps=DEFAULT_STEPS):
-    """The miniature config: a 32 px model of about 2M parameters that trains in minutes on CPU."""
+    """Return the miniature config: a 32 px model of about 2M parameters for a CPU."""
     if variant not in VARIANTS:
         raise ValueError(f"Unknown variant {variant!r}; choose one of {VARIANTS}.")
     if dataset not in DATASETS:
@@ -205,7 +205,7 @@ def load_results(root, runs):
 
 
 def _commit():
-    """The git commit of the source tree, or "unknown" outside a git checkout."""
+    """Return the git commit of the source tree, or "unknown" outside a git checkout."""
     try:
         result = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],

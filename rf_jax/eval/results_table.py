@@ -149,7 +149,7 @@ def _kept_notes(path):
 
 
 def render(results, steps, seeds, machine, notes):
-    """The whole results document as a string."""
+    """Return the whole results document as a string."""
     total = sum(r["run"]["train_seconds"] + r["run"]["eval_seconds"] for r in results.values())
     date = datetime.date.today().isoformat()
     scored = [r["eval"]["geneval"] for r in results.values() if "geneval" in r["eval"]]
