@@ -21,7 +21,9 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
+from rf_jax import layer_stack
 from rf_jax import mask as mask_lib
 from rf_jax.layers import Dense, RMSNorm, SwiGLU, apply_rope, constrain, dot_product_attention
 from rf_jax.layers import rope_frequencies
@@ -168,12 +170,22 @@ def route(x, modality, spans, experts):
 
 
 class Block(nn.Module):
-    """One MoT layer: shared attention, then the modality's FFN expert."""
+    """One MoT layer: shared attention, then the modality's FFN expert.
+
+    The static routing `spans` and the cache `mode` are attributes, so that
+    `nn.remat` and `nn.scan` see only arrays (or None) as call arguments.
+    """
 
     config: "BackboneConfig"
+    spans: ExpertSpans = None
+    mode: str = NO_CACHE
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, modality, spans, layer_cache, mode, write_index):
+    def __call__(self, x, layer_cache, cos, sin, mask, modality, write_index):
+        """Return (x [batch, seq, embed], this layer's (keys, values) in APPEND mode, else None).
+
+        `layer_cache` is (keys, values) [batch, size, kv_heads, head_dim], or None without a cache.
+        """
         cfg = self.config
         h = RMSNorm(cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="input_norm")(
             x
@@ -185,13 +197,13 @@ class Block(nn.Module):
             dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
             name="attn",
-        )(h, cos, sin, mask, layer_cache, mode, write_index)
-        x = x + attn_out
+        )(h, cos, sin, mask, layer_cache, self.mode, write_index)
+        x = x + checkpoint_name(attn_out, layer_stack.ATTENTION_OUT)
         experts = [
             Expert(cfg.mlp_dim, cfg.norm_eps, cfg.dtype, cfg.param_dtype, name=f"expert_{e}")
             for e in range(mask_lib.NUM_EXPERTS)
         ]
-        x = x + route(x, modality, spans, experts)
+        x = x + checkpoint_name(route(x, modality, self.spans, experts), layer_stack.MLP_OUT)
         x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
         return x, new_entry
 
@@ -210,6 +222,8 @@ class BackboneConfig:
     norm_eps: float = 1e-6
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    remat: str = "none"  # One of `layer_stack.REMAT_POLICIES`.
+    scan_layers: bool = False  # Stack the layers' parameters and run them with `nn.scan`.
 
 
 class Backbone(nn.Module):
@@ -276,15 +290,10 @@ class Backbone(nn.Module):
             )
 
         cos, sin = rope_frequencies(cfg.head_dim, positions, cfg.rope_theta)
-        new_keys, new_values = [], []
-        for layer in range(cfg.depth):
-            layer_cache = None if mode == NO_CACHE else (cache.keys[layer], cache.values[layer])
-            x, entry = Block(cfg, name=f"layers_{layer}")(
-                x, cos, sin, mask, modality, expert_spans, layer_cache, mode, write_index
-            )
-            if entry is not None:
-                new_keys.append(entry[0])
-                new_values.append(entry[1])
+        layer_caches = None if mode == NO_CACHE else (cache.keys, cache.values)
+        x, new_entries = self._run_layers(
+            x, layer_caches, (cos, sin, mask, modality, write_index), expert_spans, mode
+        )
 
         final_norms = [
             RMSNorm(
@@ -296,10 +305,43 @@ class Backbone(nn.Module):
 
         if mode == APPEND:
             cache = cache.replace(
-                keys=jnp.stack(new_keys),
-                values=jnp.stack(new_values),
+                keys=new_entries[0],
+                values=new_entries[1],
                 segment_ids=k_segment,
                 modality=k_modality,
                 length=cache.length + seq,
             )
         return hidden, cache
+
+    def _run_layers(self, x, layer_caches, shared, spans, mode):
+        """Run the blocks in order and return (x, new cache entries or None).
+
+        The new entries are (keys, values) [depth, batch, size, kv_heads, head_dim]
+        in APPEND mode and None in the other modes.
+
+        Args:
+            layer_caches: (keys, values) [depth, batch, size, kv_heads, head_dim], or None.
+            shared: (cos, sin, mask, modality, write_index), the same for every layer.
+        """
+        cfg = self.config
+        block = layer_stack.repeat_block(
+            Block,
+            remat=cfg.remat,
+            scan_layers=cfg.scan_layers,
+            depth=cfg.depth,
+            in_axes=(0,) + (nn.broadcast,) * len(shared),
+        )
+        if cfg.scan_layers:
+            name = layer_stack.STACKED_NAME
+            return block(cfg, spans, mode, name=name)(x, layer_caches, *shared)
+
+        entries = []
+        for layer in range(cfg.depth):
+            layer_cache = None
+            if layer_caches is not None:
+                layer_cache = (layer_caches[0][layer], layer_caches[1][layer])
+            x, entry = block(cfg, spans, mode, name=f"layers_{layer}")(x, layer_cache, *shared)
+            entries.append(entry)
+        if mode != APPEND:
+            return x, None
+        return x, (jnp.stack([e[0] for e in entries]), jnp.stack([e[1] for e in entries]))

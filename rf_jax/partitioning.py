@@ -36,6 +36,8 @@ LOGICAL_RULES = (
     ("pixel", None),
     ("bottleneck", None),
     ("time", None),
+    # Leading axis of parameters stacked over layers (scan over layers): never split.
+    ("layers", None),
     # Encoder parameters.
     ("enc_embed", "fsdp"),
     ("enc_heads", "tensor"),

@@ -17,7 +17,8 @@ SCRIPT = os.path.join(TESTS, "scripts", "mesh_step.py")
 GOLDEN = os.path.join(TESTS, "golden", "shardings_2x2x2.json")
 sys.path.insert(0, os.path.join(TESTS, "golden"))
 
-from sharding_table import sharding_table  # noqa: E402
+from conftest import tiny_config  # noqa: E402
+from sharding_table import sharding_table, state_shardings  # noqa: E402
 
 MESHES = ("8x1x1", "2x4x1", "1x4x2", "2x2x2")
 # Sharded sums add the same float32 terms in another order: about 3e-6 seen, 1e-5 allowed.
@@ -124,6 +125,20 @@ def test_optimizer_moments_shard_like_parameters(runs, golden):
     assert scalars
     for name in scalars:
         assert specs[name] == [], name
+
+
+def test_stacked_layers_shard_like_each_layer():
+    config = tiny_config()
+    config.model.scan_layers = True
+    stacked = partitioning.spec_table(state_shardings(config).params)
+    per_layer = partitioning.spec_table(state_shardings().params)
+    for name, spec in stacked.items():
+        if "/layers/" not in name:
+            assert per_layer[name] == spec, name
+            continue
+        # The leading [depth] axis ("layers") is never split.
+        assert spec[0] is None, name
+        assert per_layer[name.replace("/layers/", "/layers_0/")] == spec[1:], name
 
 
 def test_mesh_shape_errors_name_the_fix():
