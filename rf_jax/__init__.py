@@ -18,6 +18,8 @@ _EXPORTS = {
     "model_config": "rf_jax.configs",
     "encode_prompts": "rf_jax.inference",
     "load_run": "rf_jax.inference",
+    "stack_layers": "rf_jax.layer_stack",
+    "unstack_layers": "rf_jax.layer_stack",
 }
 
 __all__ = sorted(_EXPORTS)

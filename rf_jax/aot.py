@@ -7,6 +7,14 @@ shapes with their shardings. `--devices N` simulates N CPU devices, so the
 memory per device of a pod config can be checked on a laptop. The numbers
 are XLA's estimates for the CPU backend, which pads and fuses differently
 from TPU and GPU, so treat them as a guide to fit, not a measurement.
+
+To see what a remat policy saves, run it twice, e.g. with
+`--config.model.remat=none` and `--config.model.remat=full`. On the CPU
+backend the saving shows mainly with `--config.model.scan_layers=true`:
+unscanned, XLA is free to schedule the recomputation early, and the
+temporary memory of a 12-layer quickstart model at batch 64 fell only from
+1.27 to 1.15 GiB, against 1.44 to 0.23 GiB with scan (measured on one CPU
+device with jaxlib 0.10.2).
 """
 
 import os
@@ -108,6 +116,7 @@ def main(argv):
     result = report(compile_train_step(config))
     gib = 1024**3
     print(f"devices: {jax.device_count()} ({jax.devices()[0].platform})")
+    print(f"remat: {config.model.remat}, scan_layers: {config.model.scan_layers}")
     for name, value in result.items():
         if name.endswith("bytes"):
             print(f"{name}: {value} ({value / gib:.3f} GiB per device)")

@@ -21,7 +21,9 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
+from rf_jax import layer_stack
 from rf_jax import mask as mask_lib
 from rf_jax.layers import Dense, RMSNorm, SwiGLU, apply_rope, constrain, dot_product_attention
 from rf_jax.layers import rope_frequencies
@@ -168,12 +170,35 @@ def route(x, modality, spans, experts):
 
 
 class Block(nn.Module):
-    """One MoT layer: shared attention, then the modality's FFN expert."""
+    """One MoT layer: shared attention, then the modality's FFN expert.
+
+    The static routing `spans` and the cache `mode` are attributes, so that
+    `nn.remat` and `nn.scan` see only arrays (or None) as call arguments.
+
+    With `capture=True` (used under scan, which has no Python loop to pick a
+    layer from), the carry is (x, captured) and the per-layer argument is
+    (layer_cache, take): the block's output replaces `captured` where `take`
+    is true.
+    """
 
     config: "BackboneConfig"
+    spans: ExpertSpans = None
+    mode: str = NO_CACHE
+    capture: bool = False
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, modality, spans, layer_cache, mode, write_index):
+    def __call__(self, x, layer_cache, cos, sin, mask, modality, write_index):
+        """Return (x [batch, seq, embed], this layer's (keys, values) in APPEND mode, else None).
+
+        `layer_cache` is (keys, values) [batch, size, kv_heads, head_dim], or None without a cache.
+        """
+        if self.capture:
+            (x, captured), (layer_cache, take) = x, layer_cache
+            x, new_entry = self._layer(x, layer_cache, cos, sin, mask, modality, write_index)
+            return (x, jnp.where(take, x, captured)), new_entry
+        return self._layer(x, layer_cache, cos, sin, mask, modality, write_index)
+
+    def _layer(self, x, layer_cache, cos, sin, mask, modality, write_index):
         cfg = self.config
         h = RMSNorm(cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="input_norm")(
             x
@@ -185,13 +210,13 @@ class Block(nn.Module):
             dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
             name="attn",
-        )(h, cos, sin, mask, layer_cache, mode, write_index)
-        x = x + attn_out
+        )(h, cos, sin, mask, layer_cache, self.mode, write_index)
+        x = x + checkpoint_name(attn_out, layer_stack.ATTENTION_OUT)
         experts = [
             Expert(cfg.mlp_dim, cfg.norm_eps, cfg.dtype, cfg.param_dtype, name=f"expert_{e}")
             for e in range(mask_lib.NUM_EXPERTS)
         ]
-        x = x + route(x, modality, spans, experts)
+        x = x + checkpoint_name(route(x, modality, self.spans, experts), layer_stack.MLP_OUT)
         x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
         return x, new_entry
 
@@ -210,6 +235,8 @@ class BackboneConfig:
     norm_eps: float = 1e-6
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    remat: str = "none"  # One of `layer_stack.REMAT_POLICIES`.
+    scan_layers: bool = False  # Stack the layers' parameters and run them with `nn.scan`.
 
 
 class Backbone(nn.Module):
@@ -280,18 +307,15 @@ class Backbone(nn.Module):
             )
 
         cos, sin = rope_frequencies(cfg.head_dim, positions, cfg.rope_theta)
-        new_keys, new_values = [], []
-        captured = None
-        for layer in range(cfg.depth):
-            layer_cache = None if mode == NO_CACHE else (cache.keys[layer], cache.values[layer])
-            x, entry = Block(cfg, name=f"layers_{layer}")(
-                x, cos, sin, mask, modality, expert_spans, layer_cache, mode, write_index
-            )
-            if entry is not None:
-                new_keys.append(entry[0])
-                new_values.append(entry[1])
-            if capture_layer == layer + 1:
-                captured = x
+        layer_caches = None if mode == NO_CACHE else (cache.keys, cache.values)
+        x, new_entries, captured = self._run_layers(
+            x,
+            layer_caches,
+            (cos, sin, mask, modality, write_index),
+            expert_spans,
+            mode,
+            capture_layer,
+        )
 
         final_norms = [
             RMSNorm(
@@ -303,8 +327,8 @@ class Backbone(nn.Module):
 
         if mode == APPEND:
             cache = cache.replace(
-                keys=jnp.stack(new_keys),
-                values=jnp.stack(new_values),
+                keys=new_entries[0],
+                values=new_entries[1],
                 segment_ids=k_segment,
                 modality=k_modality,
                 length=cache.length + seq,
@@ -312,3 +336,52 @@ class Backbone(nn.Module):
         if capture_layer is not None:
             return hidden, cache, captured
         return hidden, cache
+
+    def _run_layers(self, x, layer_caches, shared, spans, mode, capture_layer):
+        """Run the blocks in order and return (x, new cache entries or None, captured or None).
+
+        The new entries are (keys, values) [depth, batch, size, kv_heads, head_dim]
+        in APPEND mode and None in the other modes. `captured` is x after
+        `capture_layer` layers when that is set.
+
+        Args:
+            layer_caches: (keys, values) [depth, batch, size, kv_heads, head_dim], or None.
+            shared: (cos, sin, mask, modality, write_index), the same for every layer.
+        """
+        cfg = self.config
+        if capture_layer is not None and not 1 <= capture_layer <= cfg.depth:
+            raise ValueError(
+                f"capture_layer={capture_layer} is outside the backbone's layers 1..{cfg.depth}."
+            )
+        block = layer_stack.repeat_block(
+            Block,
+            remat=cfg.remat,
+            scan_layers=cfg.scan_layers,
+            depth=cfg.depth,
+            in_axes=(0,) + (nn.broadcast,) * len(shared),
+        )
+        if cfg.scan_layers:
+            if capture_layer is None:
+                body = block(cfg, spans, mode, name=layer_stack.STACKED_NAME)
+                x, entries = body(x, layer_caches, *shared)
+                return x, entries, None
+            # The scan carries the captured states next to x; layer `capture_layer`
+            # writes them (`take` is true for that layer only).
+            take = jnp.arange(cfg.depth) == capture_layer - 1
+            body = block(cfg, spans, mode, capture=True, name=layer_stack.STACKED_NAME)
+            (x, captured), entries = body((x, jnp.zeros_like(x)), (layer_caches, take), *shared)
+            return x, entries, captured
+
+        entries, captured = [], None
+        for layer in range(cfg.depth):
+            layer_cache = None
+            if layer_caches is not None:
+                layer_cache = (layer_caches[0][layer], layer_caches[1][layer])
+            x, entry = block(cfg, spans, mode, name=f"layers_{layer}")(x, layer_cache, *shared)
+            entries.append(entry)
+            if capture_layer == layer + 1:
+                captured = x
+        if mode != APPEND:
+            return x, None, captured
+        stacked = (jnp.stack([e[0] for e in entries]), jnp.stack([e[1] for e in entries]))
+        return x, stacked, captured

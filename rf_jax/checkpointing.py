@@ -17,6 +17,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from rf_jax import layer_stack
+
 STATE = "state"
 DATA = "data"
 
@@ -130,7 +132,7 @@ def describe_mismatch(manager, step, abstract_state, only_wanted=False):
         jax.tree_util.keystr(path, simple=True, separator="/"): _stored_shape(leaf)
         for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]
     }
-    lines = []
+    lines = _layout_hint(saved, wanted)
     names = set(wanted) if only_wanted else set(saved) | set(wanted)
     for name in sorted(names):
         if saved.get(name) != wanted.get(name):
@@ -139,6 +141,29 @@ def describe_mismatch(manager, step, abstract_state, only_wanted=False):
                 f"config {wanted.get(name, 'missing')}"
             )
     return "; ".join(lines[:20]) + (f"; and {len(lines) - 20} more" if len(lines) > 20 else "")
+
+
+def _layout_hint(saved, wanted):
+    """One line saying so when the checkpoint and the config differ in `model.scan_layers`."""
+
+    def stacked(names):
+        return any(f"/{layer_stack.STACKED_NAME}/" in name for name in names)
+
+    def per_layer(names):
+        return any("/layers_0/" in name for name in names)
+
+    if per_layer(saved) and stacked(wanted) and not stacked(saved):
+        layouts = "one entry per layer (layers_0, ...)", "stacks them (model.scan_layers=true)"
+        fix = "set model.scan_layers=false"
+    elif stacked(saved) and per_layer(wanted) and not per_layer(saved):
+        layouts = "stacked layers (model.scan_layers=true)", "has one entry per layer"
+        fix = "set model.scan_layers=true"
+    else:
+        return []
+    return [
+        f"the checkpoint has {layouts[0]} but the config {layouts[1]}; {fix}, or convert the "
+        "checkpoint's trees with rf_jax.layer_stack.stack_layers or unstack_layers"
+    ]
 
 
 def _stored_shape(leaf):

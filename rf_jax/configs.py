@@ -8,6 +8,7 @@ fields. Fields shared between sections (image size, text length) are
 import ml_collections
 import jax.numpy as jnp
 
+from rf_jax import layer_stack
 from rf_jax.backbone import BackboneConfig
 from rf_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from rf_jax.encoder import EncoderConfig
@@ -37,6 +38,13 @@ def default_config():
             dtype="float32",
             param_dtype="float32",
             ema_decay=0.999,
+            # What the backward pass keeps of each block: "none" (everything), "full"
+            # (recompute the block), "save_dots" (matrix-multiply outputs) or "save_attn_mlp"
+            # (the attention and feed-forward outputs). Applies to backbone and encoder blocks.
+            remat="none",
+            # Run the blocks with nn.scan: parameters stacked under `layers` with a leading
+            # [depth] axis instead of one `layers_{i}` entry per layer.
+            scan_layers=False,
         )
     )
     config.model.backbone = ml_collections.ConfigDict(
@@ -244,8 +252,14 @@ def model_config(config, vocab_size, *, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS
     _check_special_ids(vocab_size, pad_id, bos_id, eos_id)
     dtype = _dtype(m.dtype, "model.dtype")
     param_dtype = _dtype(m.param_dtype, "model.param_dtype")
-    backbone = BackboneConfig(**m.backbone.to_dict(), dtype=dtype, param_dtype=param_dtype)
-    encoder = EncoderConfig(**m.encoder.to_dict(), dtype=dtype, param_dtype=param_dtype)
+    # Configs saved before these fields existed get the defaults.
+    remat = m.get("remat", "none")
+    layer_stack.check_remat(remat)
+    stacking = dict(remat=remat, scan_layers=bool(m.get("scan_layers", False)))
+    backbone = BackboneConfig(
+        **m.backbone.to_dict(), dtype=dtype, param_dtype=param_dtype, **stacking
+    )
+    encoder = EncoderConfig(**m.encoder.to_dict(), dtype=dtype, param_dtype=param_dtype, **stacking)
     for name, patch in (
         ("model.pixel_patch", m.pixel_patch),
         ("model.encoder.patch_size", m.encoder.patch_size),

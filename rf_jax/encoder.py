@@ -12,7 +12,9 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
+from rf_jax import layer_stack
 from rf_jax.layers import Dense, GeluMLP, LayerNorm, SwiGLU, apply_rope, constrain
 from rf_jax.layers import dot_product_attention
 
@@ -41,6 +43,8 @@ class EncoderConfig:
     mlp_bias: bool = False
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    remat: str = "none"  # One of `layer_stack.REMAT_POLICIES`.
+    scan_layers: bool = False  # Stack the layers' parameters and run them with `nn.scan`.
 
     def __post_init__(self):
         if self.mlp_type not in MLP_TYPES:
@@ -102,6 +106,7 @@ class EncoderBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, cos, sin):
+        """Return (x [batch, seq, width], None); the None is the per-layer output `nn.scan` stacks."""
         cfg = self.config
         batch, seq, width = x.shape
         head_dim = width // cfg.num_heads
@@ -125,7 +130,8 @@ class EncoderBlock(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         full = jnp.ones((batch, seq, seq), bool)
         attn = dot_product_attention(q, k, v, full, head_dim**-0.5).reshape(batch, seq, width)
-        x = x + layer_scale("ls1") * dense(("enc_heads", "enc_embed"), "o_proj")(attn)
+        attn_out = dense(("enc_heads", "enc_embed"), "o_proj")(attn)
+        x = x + layer_scale("ls1") * checkpoint_name(attn_out, layer_stack.ATTENTION_OUT)
 
         h = LayerNorm(cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="norm2")(x)
         mlp = MLP_TYPES[cfg.mlp_type](
@@ -137,8 +143,9 @@ class EncoderBlock(nn.Module):
             param_dtype=cfg.param_dtype,
             name="mlp",
         )
-        x = x + layer_scale("ls2") * mlp(h)
-        return constrain(x, ("activation_batch", "activation_length", "activation_enc_embed"))
+        x = x + layer_scale("ls2") * checkpoint_name(mlp(h), layer_stack.MLP_OUT)
+        x = constrain(x, ("activation_batch", "activation_length", "activation_enc_embed"))
+        return x, None
 
 
 class Encoder(nn.Module):
@@ -181,8 +188,18 @@ class Encoder(nn.Module):
         cos = jnp.broadcast_to(cos, (batch,) + cos.shape)
         sin = jnp.broadcast_to(sin, (batch,) + sin.shape)
 
-        for layer in range(cfg.depth):
-            x = EncoderBlock(cfg, name=f"layers_{layer}")(x, cos, sin)
+        block = layer_stack.repeat_block(
+            EncoderBlock,
+            remat=cfg.remat,
+            scan_layers=cfg.scan_layers,
+            depth=cfg.depth,
+            in_axes=(nn.broadcast, nn.broadcast),
+        )
+        if cfg.scan_layers:
+            x, _ = block(cfg, name=layer_stack.STACKED_NAME)(x, cos, sin)
+        else:
+            for layer in range(cfg.depth):
+                x, _ = block(cfg, name=f"layers_{layer}")(x, cos, sin)
         x = LayerNorm(
             cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="final_norm"
         )(x)

@@ -10,6 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rf_jax.partitioning import gather_for_compute
+
 Dtype = jnp.dtype
 
 
@@ -40,6 +42,7 @@ class Dense(nn.Module):
             (x.shape[-1], self.features),
             self.param_dtype,
         )
+        kernel = gather_for_compute(kernel, self.kernel_axes)
         y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
             bias = self.param(
@@ -48,6 +51,7 @@ class Dense(nn.Module):
                 (self.features,),
                 self.param_dtype,
             )
+            bias = gather_for_compute(bias, self.kernel_axes[1:])
             y = y + bias.astype(self.dtype)
         return y
 

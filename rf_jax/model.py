@@ -40,6 +40,7 @@ from rf_jax.backbone import APPEND, READ, Backbone, BackboneConfig
 from rf_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from rf_jax.encoder import Connector, Encoder, EncoderConfig
 from rf_jax.layers import Dense, sincos_2d, timestep_embedding
+from rf_jax.partitioning import gather_for_compute
 
 VARIANTS = ("pixel_rf", "pixel", "repa", "continuous")
 
@@ -225,7 +226,9 @@ class RFModel(nn.Module):
 
     def _text_logits(self, hidden):
         if self.config.tie_embeddings:
-            return self.text_embed.attend(hidden)
+            table = gather_for_compute(self.text_embed.embedding, ("vocab", "embed"))
+            dtype = self.config.backbone.dtype
+            return jnp.dot(hidden.astype(dtype), table.T.astype(dtype))
         return self.lm_head(hidden)
 
     def embed_pixels(self, z, t):

@@ -17,9 +17,6 @@ BATCH_AXES = ("data", "fsdp")
 
 LOGICAL_RULES = (
     # Activations.
-    # NOTE: on a (data 2, fsdp 2, tensor 2) CPU mesh the loss matches one device, but the
-    # gradients of the first layer and the embeddings do not unless this batch constraint
-    # is dropped. Meshes with one or two axes above 1 match (tests/test_sharding.py).
     ("activation_batch", BATCH_AXES),
     ("activation_length", None),
     ("activation_embed", None),
@@ -39,6 +36,8 @@ LOGICAL_RULES = (
     ("pixel", None),
     ("bottleneck", None),
     ("time", None),
+    # Leading axis of parameters stacked over layers (scan over layers): never split.
+    ("layers", None),
     # Encoder parameters.
     ("enc_embed", "fsdp"),
     ("enc_heads", "tensor"),
@@ -87,23 +86,86 @@ def logical_shardings(abstract_tree, mesh, rules=LOGICAL_RULES):
 
 
 def _fit_sharding(sharding, shape, name):
-    spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+    spec = _fit_spec(sharding.spec, shape, sharding.mesh, name)
+    return NamedSharding(sharding.mesh, spec)
+
+
+def _fit_spec(spec, shape, mesh, name=None):
+    """Replace the mesh axes of each dimension they do not divide by None (replicated)."""
+    spec = list(spec) + [None] * (len(shape) - len(spec))
     for dim, axes in enumerate(spec):
         if axes is None:
             continue
         names = axes if isinstance(axes, tuple) else (axes,)
-        ways = int(np.prod([sharding.mesh.shape[axis] for axis in names]))
+        ways = int(np.prod([mesh.shape[axis] for axis in names]))
         if shape[dim] % ways:
-            logging.warning(
-                "Replicating dimension %d of %s (size %d): mesh axes %s split it %d ways.",
-                dim,
-                name,
-                shape[dim],
-                names,
-                ways,
-            )
+            if name is not None:
+                logging.warning(
+                    "Replicating dimension %d of %s (size %d): mesh axes %s split it %d ways.",
+                    dim,
+                    name,
+                    shape[dim],
+                    names,
+                    ways,
+                )
             spec[dim] = None
-    return NamedSharding(sharding.mesh, PartitionSpec(*spec))
+    return PartitionSpec(*spec)
+
+
+def gather_for_compute(param, names):
+    """Constrain a parameter to the layout its layer computes with: no split over the batch axes.
+
+    Under FSDP a parameter is split over `fsdp` at rest and all-gathered where it
+    is used. The constraint makes that all-gather explicit, and in the backward
+    pass its transpose reduce-scatters the gradient. Dimensions mapped to other
+    axes (tensor parallelism) stay split. Without active rules and a mesh it
+    returns `param` unchanged.
+
+    NOTE: the explicit gather also works around an XLA SPMD partitioner bug seen
+    with jaxlib 0.10.2, under both Shardy and GSPMD propagation. For a dot whose
+    lhs batch dimension is split over (data, fsdp), whose contracting dimension
+    is split over tensor and whose rhs is split over fsdp on its other dimension,
+    the partitioner swaps lhs batch shards between devices and never swaps the
+    result back. It shows only when all three mesh axes are above 1, e.g.
+    (2, 2, 2), where it corrupted the input gradients of the first layer and of
+    the embeddings while the loss stayed right. `tests/scripts/xla_dot_repro.py`
+    reproduces it without rf_jax.
+
+    Args:
+        param: the parameter array, e.g. a kernel [in, out].
+        names: its logical axis names, one per dimension.
+    """
+    rules = nn.get_logical_axis_rules()
+    mesh = jax.sharding.get_abstract_mesh()
+    if not rules or mesh.empty:
+        return param
+    spec = [_without_batch_axes(axes) for axes in nn.logical_to_mesh_axes(names, rules)]
+    spec = _fit_spec(spec, param.shape, mesh)
+    return jax.lax.with_sharding_constraint(param, spec)
+
+
+def _without_batch_axes(axes):
+    if axes is None:
+        return None
+    kept = tuple(
+        axis for axis in ((axes,) if isinstance(axes, str) else axes) if axis not in BATCH_AXES
+    )
+    if not kept:
+        return None
+    return kept[0] if len(kept) == 1 else kept
+
+
+def spec_table(shardings):
+    """Return {path: spec} for a tree of NamedShardings, paths joined with "/".
+
+    Each spec is a list with one entry per dimension: None (replicated), a mesh
+    axis name, or a list of axis names (a dimension split over several axes).
+    """
+    table = {}
+    for path, sharding in jax.tree_util.tree_flatten_with_path(shardings)[0]:
+        spec = [list(axes) if isinstance(axes, tuple) else axes for axes in sharding.spec]
+        table[jax.tree_util.keystr(path, simple=True, separator="/")] = spec
+    return table
 
 
 def batch_sharding(mesh):

@@ -5,11 +5,13 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
 import hf_checkpoints as hf
 from rf_jax import convert as convert_cli
+from rf_jax import layer_stack
 from rf_jax import pretrained
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts", "convert_sharded.py")
@@ -70,6 +72,32 @@ def test_load_for_training_applies_config_paths(checkpoints):
         np.asarray(state.params["backbone"]["final_norm_0"]["scale"]), expected
     )
     assert np.any(np.asarray(state.ema_encoder["final_norm"]["scale"]) != 0.0)
+
+
+def test_scanned_model_receives_each_layer_in_its_stacked_row(checkpoints):
+    llm, encoder = checkpoints
+    loaded = {}
+    for scan in (False, True):
+        config = hf.rf_config()
+        config.model.scan_layers = scan
+        config.init.update(llm_path=llm, encoder_path=encoder)
+        model_config = hf.model_config(config)
+        state = pretrained.load_for_training(
+            config, model_config, hf.blank_state(config, model_config)
+        )
+        loaded[scan] = state
+
+    stacked = loaded[True].params["backbone"]["layers"]
+    assert "layers_0" not in loaded[True].params["backbone"]
+    # The stacked layout holds the same numbers as the per-layer one, copies only: exact.
+    per_layer = layer_stack.unstack_layers(loaded[True].params)
+    jax.tree.map(np.testing.assert_array_equal, per_layer, loaded[False].params)
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        layer_stack.unstack_layers(loaded[True].ema_encoder),
+        loaded[False].ema_encoder,
+    )
+    assert stacked["attn"]["q_proj"]["kernel"].shape[0] == hf.rf_config().model.backbone.depth
 
 
 def test_load_for_training_without_paths_is_identity():

@@ -186,10 +186,8 @@ def test_missing_workdir_has_clear_error(tmp_path):
         inference.load_run(str(tmp_path / "nothing"))
 
 
-def test_restore_into_other_codebook_size_lists_mismatch(trained_run, data_dir):
-    workdir, _ = trained_run
-    config = _config(data_dir)
-    config.model.codebook.size = 20
+def _restore_error(workdir, config):
+    """The message of the error raised by restoring `workdir`'s checkpoint under `config`."""
     tokenizer = pipeline.load_tokenizer(config.data)
     model_config = configs.model_config(config, tokenizer.vocab_size)
     trainer = trainer_lib.Trainer(
@@ -197,10 +195,29 @@ def test_restore_into_other_codebook_size_lists_mismatch(trained_run, data_dir):
     )
     abstract, _ = trainer.abstract_state()
     manager = checkpointing.create_manager(workdir, asynchronous=False)
-    with pytest.raises(ValueError) as error:
-        checkpointing.restore(manager, abstract)
-    assert "codebook/prototypes: checkpoint (12, 16), config (20, 16)" in str(error.value)
-    manager.close()
+    try:
+        with pytest.raises(ValueError) as error:
+            checkpointing.restore(manager, abstract)
+    finally:
+        manager.close()
+    return str(error.value)
+
+
+def test_restore_into_other_codebook_size_lists_mismatch(trained_run, data_dir):
+    workdir, _ = trained_run
+    config = _config(data_dir)
+    config.model.codebook.size = 20
+    message = _restore_error(workdir, config)
+    assert "codebook/prototypes: checkpoint (12, 16), config (20, 16)" in message
+
+
+def test_restore_into_scanned_layout_lists_the_layer_arrays(trained_run, data_dir):
+    workdir, _ = trained_run
+    config = _config(data_dir)
+    config.model.scan_layers = True
+    message = _restore_error(workdir, config)
+    assert "the checkpoint has one entry per layer (layers_0, ...) but the config" in message
+    assert "set model.scan_layers=false" in message
 
 
 def test_unknown_config_field_is_rejected(tmp_path):

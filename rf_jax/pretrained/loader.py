@@ -9,6 +9,8 @@ once, so device memory needs room for only one extra parameter.
 """
 
 import dataclasses
+import functools
+import re
 
 from absl import logging
 import flax.traverse_util
@@ -16,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rf_jax import layer_stack
 from rf_jax.data import hf_tokenizer
 from rf_jax.pretrained import dinov3, qwen2
 from rf_jax.pretrained.plan import check_plan
@@ -54,6 +57,39 @@ def place(value, like):
     return jax.make_array_from_callback(like.shape, like.sharding, lambda index: value[index])
 
 
+def write(flat, path, value):
+    """Replace the leaf at `path` of the flat tree `flat` with host array `value`.
+
+    Plans name per-layer paths (`layers_3`). In a scanned model (`scan_layers`)
+    the layers are one stacked `layers` entry; then `value` goes into row 3 of
+    the stacked leaf, on that leaf's sharding.
+    """
+    if path in flat:
+        old = flat[path]
+        flat[path] = place(value, old)
+        old.delete()
+        return
+    for position, key in enumerate(path):
+        match = re.fullmatch(r"layers_(\d+)", key)
+        stacked_path = path[:position] + (layer_stack.STACKED_NAME,) + path[position + 1 :]
+        if match and stacked_path in flat:
+            old = flat[stacked_path]
+            row = np.asarray(value, dtype=old.dtype)
+            if row.shape != old.shape[1:]:
+                raise ValueError(
+                    f"Converted value for {'/'.join(path)} has shape {row.shape}, but the "
+                    f"stacked parameter has rows of shape {old.shape[1:]}."
+                )
+            flat[stacked_path] = _set_row(old, row, int(match.group(1)))
+            return
+    raise KeyError(f"The model has no parameter {'/'.join(path)}.")
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_row(stacked, row, index):
+    return stacked.at[index].set(row)
+
+
 def apply_plan(plan, checkpoint, trees):
     """Read each tensor of `plan` once and write its parameters into the flat trees.
 
@@ -78,9 +114,7 @@ def apply_plan(plan, checkpoint, trees):
             if path[0] == "encoder" and "ema_encoder" in trees:
                 destinations.append(("ema_encoder", path[1:]))
             for tree_name, leaf_path in destinations:
-                old = trees[tree_name][leaf_path]
-                trees[tree_name][leaf_path] = place(value, old)
-                old.delete()
+                write(trees[tree_name], leaf_path, value)
             count += int(np.prod(value.shape))
         del arrays, values
     return count

@@ -1,7 +1,8 @@
 """Run one train step of the tiny config on several meshes of 8 fake CPU devices.
 
-Prints one JSON line: for each mesh, the loss, every gradient and updated
-parameter (as lists), and the sharding spec of every parameter. The test
+Prints one JSON line: for each mesh, the loss and every gradient of the first
+step, then after the step the codebook (prototypes, usage and metrics), the
+EMA encoder and the sharding spec of every array of the train state. The test
 compares the meshes with the single-device run.
 """
 
@@ -15,8 +16,11 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Import this repository's rf_jax even when another copy is installed.
+sys.path[:0] = [TESTS, os.path.dirname(TESTS)]
 from conftest import tiny_config  # noqa: E402
+import rf_jax  # noqa: E402
 from rf_jax import configs  # noqa: E402
 from rf_jax import partitioning  # noqa: E402
 from rf_jax import trainer as trainer_lib  # noqa: E402
@@ -74,26 +78,30 @@ def run(mesh_shape):
 
     with trainer.sharding_context():
         loss, grads = jax.jit(loss_and_grads)(state, batch)
-    state, _ = trainer.jit_train_step(shardings)(state, batch)
+    state, metrics = trainer.jit_train_step(shardings)(state, batch)
     flatten = lambda tree: {  # noqa: E731
         jax.tree_util.keystr(path, simple=True, separator="/"): np.asarray(leaf).tolist()
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
     }
-    specs = {
-        jax.tree_util.keystr(path, simple=True, separator="/"): [
-            list(axis) if isinstance(axis, tuple) else axis for axis in leaf.sharding.spec
-        ]
-        for path, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]
-    }
+    codebook_metrics = (
+        "codebook_perplexity",
+        "dead_code_fraction",
+        "active_codes",
+        "sinkhorn_assigned_codes",
+        "mean_token_cosine",
+    )
     return dict(
         loss=float(loss),
         grads=flatten(grads),
-        params=flatten(state.params),
         prototypes=np.asarray(state.codebook.prototypes).tolist(),
-        specs=specs,
+        usage=np.asarray(state.codebook.usage).tolist(),
+        codebook_metrics={name: float(metrics[name]) for name in codebook_metrics},
+        ema_encoder=flatten(state.ema_encoder),
+        specs=partitioning.spec_table(jax.tree.map(lambda leaf: leaf.sharding, state)),
     )
 
 
 if __name__ == "__main__":
     assert jax.device_count() == 8, jax.devices()
-    print(json.dumps({"x".join(map(str, shape)): run(shape) for shape in MESHES}))
+    runs = {"x".join(map(str, shape)): run(shape) for shape in MESHES}
+    print(json.dumps(dict(rf_jax_file=rf_jax.__file__, runs=runs)))
