@@ -45,6 +45,7 @@ class EncoderConfig:
     param_dtype: jnp.dtype = jnp.float32
     remat: str = "none"  # One of `layer_stack.REMAT_POLICIES`.
     scan_layers: bool = False  # Stack the layers' parameters and run them with `nn.scan`.
+    attention_query_block: int = 0  # Queries per attention block; 0 for all at once.
 
     def __post_init__(self):
         if self.mlp_type not in MLP_TYPES:
@@ -129,9 +130,13 @@ class EncoderBlock(nn.Module):
         v = heads(dense(("enc_embed", "enc_heads"), "v_proj")(h))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         full = jnp.ones((batch, seq, seq), bool)
-        attn = dot_product_attention(q, k, v, full, head_dim**-0.5).reshape(batch, seq, width)
+        attn = dot_product_attention(q, k, v, full, head_dim**-0.5, cfg.attention_query_block)
+        attn = attn.reshape(batch, seq, width)
         attn_out = dense(("enc_heads", "enc_embed"), "o_proj")(attn)
-        x = x + layer_scale("ls1") * checkpoint_name(attn_out, layer_stack.ATTENTION_OUT)
+        # The scale is cast so the residual stream keeps its dtype (a scan carry must).
+        x = x + layer_scale("ls1").astype(x.dtype) * checkpoint_name(
+            attn_out, layer_stack.ATTENTION_OUT
+        )
 
         h = LayerNorm(cfg.norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="norm2")(x)
         mlp = MLP_TYPES[cfg.mlp_type](
@@ -143,7 +148,7 @@ class EncoderBlock(nn.Module):
             param_dtype=cfg.param_dtype,
             name="mlp",
         )
-        x = x + layer_scale("ls2") * checkpoint_name(mlp(h), layer_stack.MLP_OUT)
+        x = x + layer_scale("ls2").astype(x.dtype) * checkpoint_name(mlp(h), layer_stack.MLP_OUT)
         x = constrain(x, ("activation_batch", "activation_length", "activation_enc_embed"))
         return x, None
 

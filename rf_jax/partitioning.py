@@ -56,7 +56,9 @@ def create_mesh(mesh_config, devices=None):
     if -1 in sizes:
         if len(devices) % known:
             raise ValueError(
-                f"Mesh {dict(zip(MESH_AXES, sizes))} does not divide {len(devices)} devices."
+                f"Mesh {dict(zip(MESH_AXES, sizes))} does not divide {len(devices)} devices: "
+                f"the sizes other than -1 multiply to {known}. Choose sizes whose product "
+                f"divides {len(devices)}."
             )
         sizes[sizes.index(-1)] = len(devices) // known
     if int(np.prod(sizes)) != len(devices):

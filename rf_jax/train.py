@@ -146,7 +146,6 @@ def train_and_evaluate(config, workdir):
 
     # Data and tokenizer.
     tokenizer = prepare_data(config, workdir)
-    save_run_config(config, workdir)
     data_iterator = pipeline.make_train_iterator(
         config.data, tokenizer, process_index=jax.process_index(), process_count=jax.process_count()
     )
@@ -179,6 +178,8 @@ def train_and_evaluate(config, workdir):
         state, step = trainer.init_state(config.train.seed), 0
         # Pretrained language model and encoder weights, when config.init names them.
         state = pretrained.load_for_training(config, model_config, state)
+    # Written only now, so a run refused at start-up leaves the workdir's config as it was.
+    save_run_config(config, workdir)
     metrics_log = metrics_log_lib.MetricsLog(workdir, enabled=jax.process_index() == 0)
     metrics_log.truncate(step)
 

@@ -71,11 +71,12 @@ def check_frozen_patterns(params, patterns):
         jax.tree_util.keystr(path, simple=True, separator="/")
         for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]
     ]
+    examples = [names[0]] + [name for name in names if "/layers" in name][:1]
     for pattern in patterns:
         if not any(re.search(pattern, name) for name in names):
             raise ValueError(
                 f"optim.frozen pattern {pattern!r} matches no parameter; parameter paths "
-                f"look like {names[0]!r}."
+                f"look like {' or '.join(map(repr, examples))}."
             )
 
 

@@ -141,6 +141,24 @@ def test_capture_layer_outside_the_backbone_is_rejected(plain_backbone):
         _capturing_loss(3, False)(params, x)
 
 
+def test_scanned_bfloat16_encoder_matches_plain():
+    # The float32 layer scales must not promote the bfloat16 residual stream, which a scan
+    # carry has to keep.
+    config = dataclasses.replace(ENCODER, dtype=jnp.bfloat16)
+    images = jax.random.randint(jax.random.key(2), (2, 16, 16, 3), 0, 256).astype(jnp.uint8)
+    plain = Encoder(config)
+    params = nn.unbox(jax.jit(plain.init)(jax.random.key(3), images))["params"]
+    expected = jax.jit(plain.apply)({"params": params}, images)
+    scanned = Encoder(dataclasses.replace(config, scan_layers=True))
+    got = jax.jit(scanned.apply)({"params": layer_stack.stack_layers(params)}, images)
+
+    assert got.dtype == expected.dtype == jnp.bfloat16
+    # Same bfloat16 ops in the same order: XLA may fuse them differently, within a few ulps.
+    np.testing.assert_allclose(
+        np.asarray(got, np.float32), np.asarray(expected, np.float32), atol=0.05, rtol=0.02
+    )
+
+
 def test_remat_keeps_fewer_residuals(plain_backbone):
     params, x, _ = plain_backbone
     sizes = {}

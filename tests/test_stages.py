@@ -12,6 +12,7 @@ import stage3_continue
 from conftest import tiny_config
 from rf_jax import checkpointing
 from rf_jax import configs
+from rf_jax import layer_stack
 from rf_jax import partitioning
 from rf_jax import train
 from rf_jax import trainer as trainer_lib
@@ -91,6 +92,15 @@ def test_alignment_stage_keeps_the_frozen_parameters(stage1):
         np.testing.assert_array_equal(final[name], initial[name], err_msg=name)
     for name in ("connector/fc1/kernel", "backbone/layers_0/expert_2/mlp/up_proj/kernel"):
         assert not np.array_equal(final[name], initial[name]), f"{name} did not train"
+
+
+def test_alignment_patterns_cover_the_scanned_layout(stage1):
+    _, _, final = stage1
+    stacked = layer_stack.stack_layers(final.params)
+    labels = trainer_lib.frozen_labels(_names(stacked), configs.ALIGNMENT_FROZEN)
+    assert labels["backbone/layers/attn/q_proj/kernel"] == "frozen"
+    assert labels["backbone/layers/expert_0/mlp/up_proj/kernel"] == "frozen"
+    assert labels["backbone/layers/expert_2/mlp/up_proj/kernel"] != "frozen"
 
 
 def test_next_stage_takes_previous_parameters(stage1, data_dir):

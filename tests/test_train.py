@@ -220,6 +220,19 @@ def test_restore_into_scanned_layout_lists_the_layer_arrays(trained_run, data_di
     assert "set model.scan_layers=false" in message
 
 
+def test_refused_restart_leaves_the_saved_config(trained_run, data_dir):
+    workdir, _ = trained_run
+    path = os.path.join(workdir, "config.json")
+    with open(path, encoding="utf-8") as saved:
+        before = saved.read()
+    config = _config(data_dir)
+    config.model.scan_layers = True
+    with pytest.raises(ValueError, match="model.scan_layers"):
+        train.train_and_evaluate(config, workdir)
+    with open(path, encoding="utf-8") as saved:
+        assert saved.read() == before
+
+
 def test_unknown_config_field_is_rejected(tmp_path):
     command = [
         sys.executable,
