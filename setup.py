@@ -46,6 +46,7 @@ setuptools.setup(
         # torch and transformers build the reference models of the conversion tests.
         # torch is pinned to 2.13.0, whose CPU build pip takes from a local wheel
         # directory where one is configured (see .ci/run).
-        "test": ["pytest>=8,<10", "torch==2.13.0", "transformers>=5.0,<6"],
+        # The benchmarks' peer comparison and plots need the same packages plus matplotlib.
+        "test": ["pytest>=8,<10", "torch==2.13.0", "transformers>=5.0,<6", "matplotlib>=3.8,<4"],
     },
 )

@@ -80,6 +80,7 @@ class Attention(nn.Module):
     head_dim: int
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    query_block: int = 0  # See `dot_product_attention`.
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, layer_cache, mode, write_index):
@@ -129,7 +130,7 @@ class Attention(nn.Module):
             v = jnp.concatenate([cached_v, v.astype(cached_v.dtype)], axis=1)
 
         out = dot_product_attention(
-            q, k.astype(q.dtype), v.astype(q.dtype), mask, self.head_dim**-0.5
+            q, k.astype(q.dtype), v.astype(q.dtype), mask, self.head_dim**-0.5, self.query_block
         )
         out = out.reshape(batch, seq, self.num_heads * self.head_dim)
         o_proj = Dense(
@@ -209,6 +210,7 @@ class Block(nn.Module):
             cfg.head_dim,
             dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
+            query_block=cfg.attention_query_block,
             name="attn",
         )(h, cos, sin, mask, layer_cache, self.mode, write_index)
         x = x + checkpoint_name(attn_out, layer_stack.ATTENTION_OUT)
@@ -237,6 +239,7 @@ class BackboneConfig:
     param_dtype: jnp.dtype = jnp.float32
     remat: str = "none"  # One of `layer_stack.REMAT_POLICIES`.
     scan_layers: bool = False  # Stack the layers' parameters and run them with `nn.scan`.
+    attention_query_block: int = 0  # Queries per attention block; 0 for all at once.
 
 
 class Backbone(nn.Module):

@@ -211,27 +211,52 @@ def timestep_embedding(t, dim, max_period=10_000.0):
     return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
 
 
-def dot_product_attention(q, k, v, mask, scale):
+def dot_product_attention(q, k, v, mask, scale, query_block=0):
     """Grouped-query attention with a boolean mask, logits and softmax in float32.
+
+    The heads are moved ahead of the positions first, so that both matrix
+    multiplies read and write contiguous [positions, head_dim] slices.
+
+    With `0 < query_block < q_len` (q_len a multiple of it), the queries are
+    processed `query_block` at a time by a loop, and the backward pass
+    recomputes each block's softmax. Only one block's logits
+    [batch, heads, query_block, k_len] exist at a time, instead of all of
+    them: on CPUs, whose memory bandwidth the full logits exceed, this is
+    several times faster (see `docs/benchmarks.md`). Accelerators run the
+    loop serially, so leave it at 0 there. The result is the same either
+    way: every query row is computed alone.
 
     Args:
         q: [batch, q_len, heads, head_dim].
         k, v: [batch, k_len, kv_heads, head_dim]; heads must be a multiple of kv_heads.
         mask: bool [batch, q_len, k_len].
         scale: multiplier of the logits.
+        query_block: queries per block, or 0 for all at once.
 
     Returns:
         [batch, q_len, heads, head_dim]. A query with no allowed key (padding)
         gets a finite average of the values, which callers ignore.
     """
     batch, q_len, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
+    k_len, kv_heads = k.shape[1], k.shape[2]
     groups = heads // kv_heads
-    q = q.reshape(batch, q_len, kv_heads, groups, head_dim)
-    logits = jnp.einsum("BQKGD,BSKD->BKGQS", q, k, preferred_element_type=jnp.float32)
-    logits = logits * scale
+    # [batch, kv_heads, groups, q_len, head_dim] and [batch, kv_heads, k_len, head_dim].
+    q = jnp.transpose(q.reshape(batch, q_len, kv_heads, groups, head_dim), (0, 2, 3, 1, 4))
+    k, v = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))
     big_negative = jnp.float32(-0.7 * jnp.finfo(jnp.float32).max)
-    logits = jnp.where(mask[:, None, None, :, :], logits, big_negative)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGQS,BSKD->BQKGD", weights, v)
-    return out.reshape(batch, q_len, heads, head_dim)
+
+    def attend(q, mask):
+        logits = jnp.einsum("BKGQD,BKSD->BKGQS", q, k, preferred_element_type=jnp.float32)
+        logits = jnp.where(mask[:, None, None, :, :], logits * scale, big_negative)
+        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        return jnp.einsum("BKGQS,BKSD->BKGQD", weights, v)
+
+    if 0 < query_block < q_len and q_len % query_block == 0:
+        blocks = q_len // query_block
+        q = jnp.moveaxis(q.reshape(batch, kv_heads, groups, blocks, query_block, head_dim), 3, 0)
+        mask = jnp.moveaxis(mask.reshape(batch, blocks, query_block, k_len), 1, 0)
+        out = jax.lax.map(lambda block: jax.checkpoint(attend)(*block), (q, mask))
+        out = jnp.moveaxis(out, 0, 3).reshape(batch, kv_heads, groups, q_len, head_dim)
+    else:
+        out = attend(q, mask)
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(batch, q_len, heads, head_dim)
