@@ -86,17 +86,16 @@ def plot(figures, size, directory):
         pyplot.close(figure)
         paths.append(path)
 
-    shape = f"width {size.width}, {size.depth} layers"
     save(
         "benchmark_batch.png",
-        f"Backbone train step, {shape}, rows of {size.seq_len}",
+        f"Backbone step, {size.seq_len}-token rows",
         "batch size",
         "seconds per step",
         {"rf_jax": figures["step_seconds_by_batch"]},
     )
     save(
         "benchmark_seq_len.png",
-        f"Backbone train step, {shape}, batch {size.batch}",
+        f"Backbone step, batch {size.batch}",
         "tokens per row",
         "seconds per step",
         {"rf_jax": figures["step_seconds_by_seq_len"]},
@@ -104,7 +103,7 @@ def plot(figures, size, directory):
     gib = 1024**3
     save(
         "benchmark_memory_depth.png",
-        f"RF train step temporaries, width {size.width}, scanned",
+        "RF train step temporaries, scanned layers",
         "backbone layers",
         "GiB (XLA estimate)",
         {

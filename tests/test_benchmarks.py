@@ -186,3 +186,33 @@ def test_tiny_run_writes_document_plots_and_figures(tmp_path):
         with Image.open(tmp_path / name) as image:
             assert image.format == "PNG" and image.size[0] > 100
         assert f"]({name})" in document
+
+
+def test_micro_benchmarks_run_on_tiny_size():
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.micro", "--size", "tiny"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout)
+    assert figures["decode"]["compiled_fusions"] > 0
+    assert figures["attention"]["blocks_forward_ms"] > 0
+
+
+def test_output_dir_that_is_a_file_is_rejected_at_once(tmp_path):
+    target = tmp_path / "taken"
+    target.write_text("not a directory")
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run_all", "--size", "tiny", "--output_dir", target],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "is a file; name a directory" in result.stderr
