@@ -118,7 +118,7 @@ def get_size(name):
 def experiment_config(
     size: Size, remat="none", scan_layers=False, depth=None, batch=None, query_block=None
 ):
-    """The experiment config of a benchmark size (pixel + RF, float32, one device)."""
+    """Build the experiment config of a benchmark size (pixel + RF, float32, one device)."""
     config = configs.default_config()
     model = config.model
     model.attention_query_block = size.query_block if query_block is None else query_block
@@ -188,7 +188,7 @@ def matmul_peak(size: Size, dtype=jnp.float32):
     """Measure the dense matmul rate (FLOP/s) of device 0 on square `dtype` matrices.
 
     The best of several calls is taken: it is the rate the device reaches when
-    nothing else holds it up, which is what MFU divides by.
+    nothing else slows it down, which is what MFU divides by.
     """
     n = size.matmul_size
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
@@ -204,7 +204,7 @@ def matmul_peak(size: Size, dtype=jnp.float32):
 
 
 def machine():
-    """A short description of the machine and the software versions."""
+    """Describe the machine and the software versions in a short dict."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as info:

@@ -33,6 +33,11 @@ GOALS = (
 )
 
 
+def goal_met(value, target, higher):
+    """Return whether `value` reaches `target` (from above when `higher` is false)."""
+    return value >= target if higher else value <= target
+
+
 def run(size):
     start = time.perf_counter()
     peak = common.matmul_peak(size)
@@ -77,7 +82,7 @@ def _gib(count):
 
 
 def render(figures, size, plots, notes):
-    """The markdown document of `figures`."""
+    """Render `figures` as the markdown document."""
     machine = figures["machine"]
     train, samples, scale = figures["train"], figures["sampler"], figures["scaling"]
     rf, backbone, torch_step = (
@@ -127,10 +132,10 @@ def render(figures, size, plots, notes):
     ]
     for name, target, key, higher in GOALS:
         value = ratios[key]
-        met = value >= target if higher else value <= target
-        shown = f"{value:.1%}" if key == "mfu" else f"{value:.2f}x"
-        wanted = f">= {target:.0%}" if key == "mfu" else f"{'>=' if higher else '<='} {target}x"
-        lines.append(f"| {name} | {wanted} | {shown} | {'yes' if met else 'no'} |")
+        measured = f"{value:.1%}" if key == "mfu" else f"{value:.2f}x"
+        bound = f">= {target:.0%}" if key == "mfu" else f"{'>=' if higher else '<='} {target}x"
+        met = "yes" if goal_met(value, target, higher) else "no"
+        lines.append(f"| {name} | {bound} | {measured} | {met} |")
     lines += [
         "",
         "## Train step",
@@ -224,7 +229,7 @@ def render(figures, size, plots, notes):
 
 
 def read_notes(path):
-    """The text between the notes markers of an existing document, or a placeholder."""
+    """Return the text between the notes markers of an existing document, or a placeholder."""
     if os.path.exists(path):
         with open(path, encoding="utf-8") as document:
             text = document.read()
@@ -251,7 +256,7 @@ def main():
     with open(os.path.join(args.output_dir, "benchmarks.json"), "w", encoding="utf-8") as output:
         json.dump(figures, output, indent=2)
     for (name, target, key, higher), value in zip(GOALS, goal_ratios(figures).values()):
-        met = value >= target if higher else value <= target
+        met = goal_met(value, target, higher)
         print(f"{name}: {value:.3f} (target {target}, {'met' if met else 'missed'})")
     print(f"Wrote {path}.")
 

@@ -46,7 +46,7 @@ def _prefix_rep_predictions(module, text_ids, rep):
 
 
 def _pixels_alone(module, z, t):
-    """The denoiser on the pixel patches alone, without any prefix."""
+    """Run the denoiser on the pixel patches alone, without any prefix."""
     cfg = module.config
     batch, patches = z.shape[0], cfg.num_pixels
     full = lambda value: jnp.full((batch, patches), value, jnp.int32)  # noqa: E731

@@ -29,7 +29,7 @@ from rf_jax.data import pipeline
 
 
 def synthetic_batch(config, mesh, seed=0):
-    """A batch of random text and images with the shapes of `config`, on the batch sharding."""
+    """Make a batch of random text and images with the shapes of `config`, on the batch sharding."""
     data = config.data
     gen_rows, und_rows = pipeline.mixture_sizes(
         data.batch_size, data.mixture.generation, data.mixture.understanding
@@ -38,7 +38,7 @@ def synthetic_batch(config, mesh, seed=0):
     rng = np.random.default_rng(seed)
     vocab = data.vocab_size
     und_mask = np.zeros((und_rows, data.und_text_len), np.float32)
-    und_mask[:, data.und_text_len // 2 :] = 1.0  # The second half is the answer.
+    und_mask[:, data.und_text_len // 2 :] = 1.0  # The loss covers the second half of each row.
     batch = dict(
         gen_text=rng.integers(3, vocab, (gen_rows, data.text_len), dtype=np.int32),
         gen_image=rng.integers(0, 256, (gen_rows, size, size, 3), dtype=np.uint8),
@@ -148,7 +148,7 @@ def jax_backbone_step(size, peak, batch=None, seq_len=None, query_block=None):
 
 
 def qwen2_config(size, tied=False):
-    """The transformers Qwen2 config of a benchmark size's backbone."""
+    """Build the transformers Qwen2 config of a benchmark size's backbone."""
     import transformers
 
     return transformers.Qwen2Config(
@@ -196,7 +196,7 @@ def torch_backbone_step(size):
 
 
 def run(size, peak=None):
-    """All train-step figures of `size`; `peak` (FLOP/s) is measured when not given."""
+    """Measure all train-step figures of `size`; `peak` (FLOP/s) is measured when not given."""
     peak = common.matmul_peak(size) if peak is None else peak
     rf = rf_train_step(size, peak)
     backbone = jax_backbone_step(size, peak)

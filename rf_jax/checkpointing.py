@@ -144,7 +144,7 @@ def describe_mismatch(manager, step, abstract_state, only_wanted=False):
 
 
 def _layout_hint(saved, wanted):
-    """One line saying so when the checkpoint and the config differ in `model.scan_layers`."""
+    """Return a line naming the `model.scan_layers` difference of checkpoint and config."""
 
     def stacked(names):
         return any(f"/{layer_stack.STACKED_NAME}/" in name for name in names)

@@ -21,7 +21,7 @@ from rf_jax.encoder import EncoderConfig
 
 
 def backbone_layer_flops(cfg: BackboneConfig, queries: int, keys: int) -> int:
-    """One backbone layer on `queries` tokens of one row attending to `keys` keys.
+    """Count one backbone layer on `queries` tokens of one row attending to `keys` keys.
 
     Each token goes through the feed-forward expert of its modality only.
     """
@@ -34,13 +34,13 @@ def backbone_layer_flops(cfg: BackboneConfig, queries: int, keys: int) -> int:
 
 
 def backbone_flops(cfg: BackboneConfig, queries: int, keys: int | None = None) -> int:
-    """All backbone layers on one row (keys defaults to the queries: no cache)."""
+    """Count all backbone layers on one row (keys defaults to the queries: no cache)."""
     keys = queries if keys is None else keys
     return cfg.depth * backbone_layer_flops(cfg, queries, keys)
 
 
 def encoder_flops(cfg: EncoderConfig, image_size: int) -> int:
-    """The ViT encoder on one image, patch embedding included."""
+    """Count the ViT encoder on one image, patch embedding included."""
     patches = (image_size // cfg.patch_size) ** 2
     tokens = patches + 1 + cfg.num_registers
     patch_embed = 2 * patches * cfg.patch_size**2 * 3 * cfg.width

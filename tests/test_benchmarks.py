@@ -57,6 +57,18 @@ BACKBONE_BOUNDS = (1.0, 1.04)
 STEP_BOUNDS = (1.0, 1.08)
 
 
+def _run_module(*args, timeout):
+    """Run `python -m ARGS` from the repository root; return the completed process."""
+    return subprocess.run(
+        [sys.executable, "-m", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def _xla_over_analytic(compiled, analytic):
     return common.xla_flops(compiled) / analytic
 
@@ -165,13 +177,8 @@ def test_unknown_size_is_rejected():
 
 
 def test_tiny_run_writes_document_plots_and_figures(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run_all", "--size", "tiny", "--output_dir", tmp_path],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-        check=False,
+    result = _run_module(
+        "benchmarks.run_all", "--size", "tiny", "--output_dir", tmp_path, timeout=1200
     )
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -184,35 +191,24 @@ def test_tiny_run_writes_document_plots_and_figures(tmp_path):
     assert figures["train"]["rf_train_step"]["analytic_flops"] > 0
     for name in ("benchmark_batch.png", "benchmark_seq_len.png", "benchmark_memory_depth.png"):
         with Image.open(tmp_path / name) as image:
-            assert image.format == "PNG" and image.size[0] > 100
+            assert image.format == "PNG"
+            assert image.size[0] > 100
         assert f"]({name})" in document
 
 
 def test_micro_benchmarks_run_on_tiny_size():
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.micro", "--size", "tiny"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    result = _run_module("benchmarks.micro", "--size", "tiny", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(result.stdout)
     assert figures["decode"]["compiled_fusions"] > 0
     assert figures["attention"]["blocks_forward_ms"] > 0
 
 
-def test_output_dir_that_is_a_file_is_rejected_at_once(tmp_path):
+def test_file_as_output_dir_is_rejected(tmp_path):
     target = tmp_path / "taken"
     target.write_text("not a directory")
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run_all", "--size", "tiny", "--output_dir", target],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    result = _run_module(
+        "benchmarks.run_all", "--size", "tiny", "--output_dir", target, timeout=120
     )
     assert result.returncode == 2
     assert "is a file; name a directory" in result.stderr

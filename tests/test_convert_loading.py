@@ -74,7 +74,7 @@ def test_load_for_training_applies_config_paths(checkpoints):
     assert np.any(np.asarray(state.ema_encoder["final_norm"]["scale"]) != 0.0)
 
 
-def test_scanned_model_receives_each_layer_in_its_stacked_row(checkpoints):
+def test_scanned_model_loads_stacked_rows(checkpoints):
     llm, encoder = checkpoints
     loaded = {}
     for scan in (False, True):
@@ -89,7 +89,7 @@ def test_scanned_model_receives_each_layer_in_its_stacked_row(checkpoints):
 
     stacked = loaded[True].params["backbone"]["layers"]
     assert "layers_0" not in loaded[True].params["backbone"]
-    # The stacked layout holds the same numbers as the per-layer one, copies only: exact.
+    # The stacked layout contains the same numbers as the per-layer one, copies only: exact.
     per_layer = layer_stack.unstack_layers(loaded[True].params)
     jax.tree.map(np.testing.assert_array_equal, per_layer, loaded[False].params)
     jax.tree.map(
