@@ -10,9 +10,13 @@ rows of `size.seq_len` tokens:
 - one element-wise pass over the attention logits, and the read bandwidth
   of a sum over 512 MB (64 MB for `tiny`);
 - for greedy decoding: a chain of only the weight products of one decode
-  step (7 per layer and the output head) and one `decode_text` call.
+  step (7 per layer and the output head), and one `decode_text` call with
+  the cache donated and fed back, as in the decoding loop.
+
+`python -m benchmarks.trace` breaks the decode step down op by op.
 """
 
+import statistics
 import time
 
 import jax
@@ -21,9 +25,7 @@ import numpy as np
 
 from benchmarks import common
 from benchmarks import sampler as sampler_bench
-from rf_jax import sampler as sampler_lib
 from rf_jax.layers import dot_product_attention
-from rf_jax.model import RFModel
 
 
 def _milliseconds(function, *args, repeats=5):
@@ -87,6 +89,9 @@ def read_bandwidth(size):
     return values.nbytes / min(times)
 
 
+DECODE_CALLS = 20  # Timed decode steps.
+
+
 def decode(size):
     """Decode-step timings (ms): the weight products alone, and one `decode_text` call."""
     model_config, params = sampler_bench.random_model(size)
@@ -110,18 +115,18 @@ def decode(size):
         return x @ head
 
     weight_bytes = 4 * (sum(np.prod(s) for s in shapes.values()) * size.depth + width * vocab)
-    model = RFModel(model_config)
-    prompts = sampler_bench._prompts(size, size.batch, size.prompt_len)
-    cache = sampler_lib.empty_cache(model_config, size.batch, size.prompt_len + size.new_tokens)
-    prefill = jax.jit(lambda p, x, c: model.apply({"params": p}, x, c, method=RFModel.prefill_text))
-    logits, cache = prefill(params, prompts, cache)
-    tokens = jnp.argmax(logits, -1).astype(jnp.int32)
-    step = jax.jit(lambda p, t, c: model.apply({"params": p}, t, c, method=RFModel.decode_text))
-    hlo = step.lower(params, tokens, cache).compile().as_text()
+    step, state = sampler_bench.decode_step(model_config, params, size, DECODE_CALLS + 1)
+    hlo = step.lower(params, *state).compile().as_text()
+    state = common.block(step(params, *state))  # Compiles.
+    times = []
+    for _ in range(DECODE_CALLS):
+        start = time.perf_counter()
+        state = common.block(step(params, *state))
+        times.append(time.perf_counter() - start)
     return dict(
         weight_mb=weight_bytes / 1e6,
         weight_products_ms=_milliseconds(jax.jit(products), layers, head, x, repeats=20),
-        decode_text_ms=_milliseconds(step, params, tokens, cache, repeats=20),
+        decode_text_ms=1e3 * statistics.median(times),
         compiled_fusions=hlo.count(" fusion("),
     )
 

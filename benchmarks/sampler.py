@@ -120,6 +120,43 @@ def random_model(size):
     return model_config, trainer.init_state(0).params
 
 
+def prefill_generation(model, params, prompts):
+    """Prefill `[text] [BOR]` into a new cache: (the first rep prediction, cache)."""
+    cfg = model.config
+    cache = sampler_lib.empty_cache(cfg, prompts.shape[0], cfg.text_len + cfg.rep_region)
+    return model.apply({"params": params}, prompts, cache, method=RFModel.prefill_generation)
+
+
+def generation_prefix(model, params, prompts):
+    """Greedy rep tokens and the cache of the whole prefix `[text] [BOR, rep]`: (rep, cache)."""
+    first, cache = prefill_generation(model, params, prompts)
+    return sampler_lib._generate_rep_tokens(
+        model, params, cache, first, jax.random.key(0), GREEDY_REP, prompts.shape[0], False
+    )
+
+
+def decode_step(model_config, params, size, calls):
+    """A jitted greedy `decode_text` step, run as the decoding loop runs it.
+
+    Returns (step, state): `step(params, *state)` gives the next state, the
+    next tokens and the cache. The cache is donated, so it is updated in
+    place, as in the loop of `make_text_to_text`. It has room for `calls`
+    steps after a prompt of `size.prompt_len` tokens.
+    """
+    model = RFModel(model_config)
+    prompts = _prompts(size, size.batch, size.prompt_len)
+    cache = sampler_lib.empty_cache(model_config, size.batch, size.prompt_len + calls)
+    prefill = jax.jit(lambda p, x, c: model.apply({"params": p}, x, c, method=RFModel.prefill_text))
+    logits, cache = prefill(params, prompts, cache)
+
+    def step(params, tokens, cache):
+        logits, cache = model.apply({"params": params}, tokens, cache, method=RFModel.decode_text)
+        return jnp.argmax(logits, -1).astype(jnp.int32), cache
+
+    tokens = jnp.argmax(logits, -1).astype(jnp.int32)
+    return jax.jit(step, donate_argnums=2), (tokens, cache)
+
+
 def rf_sampler(size):
     """Rep decode, ODE evaluation and end-to-end figures of the RF sampler."""
     model_config, params = random_model(size)
@@ -129,13 +166,7 @@ def rf_sampler(size):
     rng = jax.random.key(0)
     num_rep = model_config.num_rep
 
-    def prefill(params, prompts):
-        cache = sampler_lib.empty_cache(
-            model_config, batch, model_config.text_len + model_config.rep_region
-        )
-        return model.apply({"params": params}, prompts, cache, method=RFModel.prefill_generation)
-
-    first, prefix_cache = jax.jit(prefill)(params, prompts)
+    first, prefix_cache = jax.jit(lambda p, x: prefill_generation(model, p, x))(params, prompts)
 
     def cached_rep(params, cache, first, rng):
         return sampler_lib._generate_rep_tokens(

@@ -19,6 +19,7 @@ import pytest
 from benchmarks import common
 from benchmarks import run_all
 from benchmarks import sampler as sampler_bench
+from benchmarks import trace
 from benchmarks.train_step import backbone_inputs
 from rf_jax import aot
 from rf_jax import flops
@@ -212,3 +213,73 @@ def test_file_as_output_dir_is_rejected(tmp_path):
     )
     assert result.returncode == 2
     assert "is a file; name a directory" in result.stderr
+
+
+def test_op_table_sums_the_named_ops_per_call():
+    kinds = {"exp.2": "attn/exp", "dot.3": "q_proj/dot_general"}
+    events = [
+        dict(ph="X", name="exp.2", ts=10, dur=30),
+        dict(ph="X", name="exp.2", ts=50, dur=40),
+        dict(ph="X", name="dot.3", ts=20, dur=60),
+        dict(ph="X", name="$python_frame", ts=0, dur=500),
+        dict(ph="i", name="dot.3", ts=5),
+    ]
+    rows = {row["op"]: row for row in trace.op_table(events, kinds, calls=2)}
+    assert set(rows) == {"attn/exp", "q_proj/dot_general"}
+    assert rows["attn/exp"]["ms_per_call"] == pytest.approx(70 / 2 / 1e3)
+    assert rows["attn/exp"]["count_per_call"] == 1.0
+    assert rows["q_proj/dot_general"]["ms_per_call"] == pytest.approx(60 / 2 / 1e3)
+
+
+def test_op_kinds_drop_layer_numbers_and_loops():
+    path = "jit(step)/decode_text/backbone/layers_3/layers_3._layer/attn"
+    hlo = "\n".join(
+        [
+            f'  %fusion.7 = f32[8,512]{{1,0}} fusion(%a, %b), metadata={{op_name="{path}/q_proj/dot_general"}}',
+            f'  %while.2 = (s32[], /*index=1*/f32[8]{{0}}) while(%t), metadata={{op_name="{path}/while"}}',
+            "  %p.1 = f32[8]{0} parameter(0)",
+        ]
+    )  # fmt: skip
+    assert trace.op_kinds(hlo) == {"fusion.7": "q_proj/dot_general"}
+
+
+def test_decode_trace_names_each_layer_op(tmp_path):
+    result = _run_module(
+        "benchmarks.trace", "--size", "tiny", "--calls", 2, "--trace_dir", tmp_path, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout)
+    counts = {row["op"]: row["count_per_call"] for row in figures["ops"]}
+    depth = common.SIZES["tiny"].depth
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        assert counts[f"{name}/dot_general"] == depth, (name, counts)
+    assert counts["lm_head/dot_general"] == 1
+    assert 0 < figures["matmul_ms_per_call"] <= figures["op_ms_per_call"]
+    assert list(tmp_path.glob("decode/**/*.trace.json.gz"))
+
+
+def test_ode_trace_counts_query_block_loop_ops(tmp_path):
+    result = _run_module(
+        "benchmarks.trace", "--size", "tiny", "--target", "ode", "--calls", 1,
+        "--trace_dir", tmp_path, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout)
+    for part in ("cached_prefix", "pixels_alone"):
+        ops = [row["op"] for row in figures[part]["ops"]]
+        assert "q_proj/dot_general" in ops, (part, ops)
+        # The softmax runs in the loop body, under `jax.checkpoint`.
+        assert "checkpoint/exp" in ops, (part, ops)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--calls", "0"], "--calls must be at least 1"), (["--trace_dir", "FILE"], "is a file")],
+)
+def test_trace_rejects_bad_arguments(tmp_path, args, message):
+    regular_file = tmp_path / "regular_file"
+    regular_file.write_text("not a directory")
+    args = [str(regular_file) if arg == "FILE" else arg for arg in args]
+    result = _run_module("benchmarks.trace", "--size", "tiny", *args, timeout=60)
+    assert result.returncode == 2
+    assert message in result.stderr
