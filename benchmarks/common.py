@@ -229,4 +229,4 @@ def main(run, doc):
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--size", default="bench", choices=sorted(SIZES))
     args = parser.parse_args()
-    print(json.dumps(dict(machine=machine(), **run(get_size(args.size))), indent=2))
+    print(json.dumps(dict(machine=machine(), size=args.size, **run(get_size(args.size))), indent=2))

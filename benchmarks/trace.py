@@ -1,14 +1,20 @@
-"""Profile of one greedy decode step: a `jax.profiler` trace and its per-op table.
+"""Profiles of a decode step or a pixel ODE evaluation: `jax.profiler` traces and op tables.
 
-    python -m benchmarks.trace [--size bench|tiny] [--trace_dir DIR] [--calls N]
+    python -m benchmarks.trace [--size bench|tiny] [--target decode|ode]
+                               [--trace_dir DIR] [--calls N]
 
-Records a trace of N `decode_text` calls (the cache donated and fed back, as
-in the decoding loop), writes it under DIR for TensorBoard or Perfetto, and
-prints, as JSON, the time per call of each kind of compiled op. Ops are
-named by the model code that made them (for example `q_proj/dot_general`),
-with the layer number left out, so the 8 layers' copies of an op add up in
-one line. Thread times are summed, so on a multi-core CPU the total exceeds
-the wall time of a call.
+`--target decode` (the default) traces N greedy `decode_text` calls, the
+cache donated and fed back, as in the decoding loop. `--target ode` traces
+N pixel velocity evaluations with the cached prefix, and N over the pixel
+patches alone. Each trace goes under DIR (`perfetto_trace.json.gz` for
+Perfetto, and an XPlane file for TensorBoard's profile plugin).
+
+Prints, as JSON, the wall time per call (measured without the profiler)
+and the time per call of each kind of compiled op, the `TOP_OPS` slowest
+kinds listed. Ops are named by the model code that made them (for example
+`q_proj/dot_general`), with the layer number left out, so the 8 layers'
+copies of an op add up in one line. Thread times are summed, so on a
+multi-core CPU the op total exceeds the wall time of a call.
 """
 
 import argparse
@@ -18,7 +24,9 @@ import gzip
 import json
 import os
 import re
+import statistics
 import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -94,11 +102,17 @@ def profile(function, params, state, trace_dir, calls, feeds_back=False):
         return result if feeds_back else state
 
     state = call(state)  # Compiles; left out of the trace.
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        state = call(state)
+        times.append(time.perf_counter() - start)
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         for _ in range(calls):
             state = call(state)
     rows = op_table(_read_events(trace_dir), kinds, calls)
     return dict(
+        wall_ms_per_call=1e3 * statistics.median(times),
         op_ms_per_call=sum(row["ms_per_call"] for row in rows),
         matmul_ms_per_call=sum(
             row["ms_per_call"] for row in rows if row["op"].endswith("dot_general")
@@ -110,7 +124,7 @@ def profile(function, params, state, trace_dir, calls, feeds_back=False):
 def decode(size, trace_dir, calls):
     """Profile of `decode_text` at batch `size.batch` after a prompt of `size.prompt_len`."""
     model_config, params = sampler_bench.random_model(size)
-    step, state = sampler_bench.decode_step(model_config, params, size, calls + 1)
+    step, state = sampler_bench.decode_step(model_config, params, size, 2 * calls + 1)
     return profile(step, params, state, os.path.join(trace_dir, "decode"), calls, feeds_back=True)
 
 
@@ -150,17 +164,36 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", default="bench", choices=sorted(common.SIZES))
     parser.add_argument("--trace_dir", default=None, help="default: a new temporary folder")
-    parser.add_argument("--target", default="decode", choices=sorted(TARGETS))
-    parser.add_argument("--calls", type=int, default=5, help="calls to trace (>= 1)")
+    parser.add_argument(
+        "--target",
+        default="decode",
+        choices=sorted(TARGETS),
+        help="decode: greedy decode steps; ode: pixel velocity evaluations",
+    )
+    parser.add_argument("--calls", type=int, default=5, help="calls to time and trace (>= 1)")
     args = parser.parse_args()
+
     if args.calls < 1:
         parser.error(f"--calls must be at least 1, got {args.calls}.")
     if args.trace_dir and os.path.exists(args.trace_dir) and not os.path.isdir(args.trace_dir):
         parser.error(f"--trace_dir {args.trace_dir} is a file; give a folder.")
     trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="rf_jax_trace_")
+    try:  # Fail now rather than after the profile.
+        os.makedirs(trace_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=trace_dir).close()
+    except OSError as error:
+        parser.error(
+            f"--trace_dir {trace_dir} cannot be written ({error.strerror}); "
+            "give a folder you can write to."
+        )
+
     result = TARGETS[args.target](common.get_size(args.size), trace_dir, args.calls)
     output = dict(
-        machine=common.machine(), target=args.target, trace_dir=trace_dir, calls=args.calls
+        machine=common.machine(),
+        size=args.size,
+        target=args.target,
+        trace_dir=trace_dir,
+        calls=args.calls,
     )
     print(json.dumps(dict(output, **result), indent=2))
 

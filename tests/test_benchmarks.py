@@ -255,6 +255,8 @@ def test_decode_trace_names_each_layer_op(tmp_path):
         assert counts[f"{name}/dot_general"] == depth, (name, counts)
     assert counts["lm_head/dot_general"] == 1
     assert 0 < figures["matmul_ms_per_call"] <= figures["op_ms_per_call"]
+    assert figures["wall_ms_per_call"] > 0
+    assert figures["size"] == "tiny"
     assert list(tmp_path.glob("decode/**/*.trace.json.gz"))
 
 
@@ -274,12 +276,16 @@ def test_ode_trace_counts_query_block_loop_ops(tmp_path):
 
 @pytest.mark.parametrize(
     "args, message",
-    [(["--calls", "0"], "--calls must be at least 1"), (["--trace_dir", "FILE"], "is a file")],
+    [
+        (["--calls", "0"], "--calls must be at least 1"),
+        (["--trace_dir", "FILE"], "is a file"),
+        (["--trace_dir", "FILE/inside"], "cannot be written (Not a directory)"),
+    ],
 )
 def test_trace_rejects_bad_arguments(tmp_path, args, message):
     regular_file = tmp_path / "regular_file"
     regular_file.write_text("not a directory")
-    args = [str(regular_file) if arg == "FILE" else arg for arg in args]
+    args = [arg.replace("FILE", str(regular_file)) for arg in args]
     result = _run_module("benchmarks.trace", "--size", "tiny", *args, timeout=60)
     assert result.returncode == 2
     assert message in result.stderr
