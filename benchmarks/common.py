@@ -169,6 +169,20 @@ def median_seconds(call, repeats):
     return statistics.median(times)
 
 
+def median_chained_seconds(call, state, repeats):
+    """Return (median wall seconds, last state) of `repeats` calls of `state = call(state)`.
+
+    Each call takes the state the previous one returned, as a decode step
+    takes the previous step's cache; `call` must block on its result.
+    """
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        state = call(state)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), state
+
+
 def compile_seconds(jitted, *args):
     """Lower and compile `jitted` for `args`; return (compiled, seconds)."""
     start = time.perf_counter()

@@ -16,7 +16,6 @@ rows of `size.seq_len` tokens:
 `python -m benchmarks.trace` breaks the decode step down op by op.
 """
 
-import statistics
 import time
 
 import jax
@@ -116,18 +115,17 @@ def decode(size):
 
     weight_bytes = 4 * (sum(np.prod(s) for s in shapes.values()) * size.depth + width * vocab)
     step, state = sampler_bench.decode_step(model_config, params, size, DECODE_CALLS + 1)
-    hlo = step.lower(params, *state).compile().as_text()
-    state = common.block(step(params, *state))  # Compiles.
-    times = []
-    for _ in range(DECODE_CALLS):
-        start = time.perf_counter()
-        state = common.block(step(params, *state))
-        times.append(time.perf_counter() - start)
+    compiled = step.lower(params, *state).compile()
+
+    def call(state):
+        return common.block(compiled(params, *state))
+
+    decode_seconds, _ = common.median_chained_seconds(call, call(state), DECODE_CALLS)
     return dict(
         weight_mb=weight_bytes / 1e6,
         weight_products_ms=_milliseconds(jax.jit(products), layers, head, x, repeats=20),
-        decode_text_ms=1e3 * statistics.median(times),
-        compiled_fusions=hlo.count(" fusion("),
+        decode_text_ms=1e3 * decode_seconds,
+        compiled_fusions=compiled.as_text().count(" fusion("),
     )
 
 

@@ -121,14 +121,14 @@ def random_model(size):
 
 
 def prefill_generation(model, params, prompts):
-    """Prefill `[text] [BOR]` into a new cache: (the first rep prediction, cache)."""
+    """Prefill `[text] [BOR]` into a new cache; return (the first rep prediction, cache)."""
     cfg = model.config
     cache = sampler_lib.empty_cache(cfg, prompts.shape[0], cfg.text_len + cfg.rep_region)
     return model.apply({"params": params}, prompts, cache, method=RFModel.prefill_generation)
 
 
 def generation_prefix(model, params, prompts):
-    """Greedy rep tokens and the cache of the whole prefix `[text] [BOR, rep]`: (rep, cache)."""
+    """Return greedy rep tokens and the cache of the whole prefix `[text] [BOR, rep]`."""
     first, cache = prefill_generation(model, params, prompts)
     return sampler_lib._generate_rep_tokens(
         model, params, cache, first, jax.random.key(0), GREEDY_REP, prompts.shape[0], False
@@ -136,12 +136,12 @@ def generation_prefix(model, params, prompts):
 
 
 def decode_step(model_config, params, size, calls):
-    """A jitted greedy `decode_text` step, run as the decoding loop runs it.
+    """Build a jitted greedy `decode_text` step that runs as the decoding loop runs it.
 
-    Returns (step, state): `step(params, *state)` gives the next state, the
-    next tokens and the cache. The cache is donated, so it is updated in
-    place, as in the loop of `make_text_to_text`. It has room for `calls`
-    steps after a prompt of `size.prompt_len` tokens.
+    Returns (step, state), where `step(params, *state)` returns the next
+    state: the next tokens and the cache. The cache is donated, so it is
+    updated in place, as in the loop of `make_text_to_text`. It has room for
+    `calls` steps after a prompt of `size.prompt_len` tokens.
     """
     model = RFModel(model_config)
     prompts = _prompts(size, size.batch, size.prompt_len)

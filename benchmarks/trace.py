@@ -24,9 +24,7 @@ import gzip
 import json
 import os
 import re
-import statistics
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +34,8 @@ from benchmarks import sampler as sampler_bench
 from rf_jax.model import RFModel
 
 TOP_OPS = 30  # Rows of each printed table.
-# `%name = type opcode(operands), ..., metadata={op_name="..."}`; a tuple type has spaces.
+# `%name = type opcode(operands), ..., metadata={op_name="..."}`. A tuple type
+# contains spaces, so it is matched up to its closing parenthesis.
 _INSTRUCTION = re.compile(
     r'^\s*(?:ROOT )?%?([\w.\-]+) = (?:\(.*?\)|\S+) ([\w\-]+)\(.*?op_name="([^"]+)"'
 )
@@ -81,8 +80,8 @@ def _read_events(trace_dir):
     paths = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
     if not paths:
         raise RuntimeError(
-            f"jax.profiler wrote no Perfetto trace under {trace_dir}; "
-            "check that the profiler works on this backend."
+            f"No Perfetto trace found under {trace_dir} after profiling. "
+            "Check that jax.profiler works on this backend."
         )
     with gzip.open(max(paths, key=os.path.getmtime)) as file:
         trace = json.load(file)
@@ -90,29 +89,27 @@ def _read_events(trace_dir):
 
 
 def profile(function, params, state, trace_dir, calls, feeds_back=False):
-    """Trace `calls` calls of the jitted `function(params, *state)`; return the op table.
+    """Time and trace `calls` calls of the jitted `function(params, *state)`.
 
     With `feeds_back`, `function` returns the state of the next call (a
-    decode step's tokens and cache); otherwise every call gets `state`.
+    decode step's tokens and cache). Otherwise every call gets `state`.
+    Returns the wall time per call, timed without the profiler, and the op table.
     """
-    kinds = op_kinds(function.lower(params, *state).compile().as_text())
+    compiled = function.lower(params, *state).compile()
+    kinds = op_kinds(compiled.as_text())
 
     def call(state):
-        result = common.block(function(params, *state))
+        result = common.block(compiled(params, *state))
         return result if feeds_back else state
 
-    state = call(state)  # Compiles; left out of the trace.
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        state = call(state)
-        times.append(time.perf_counter() - start)
+    state = call(state)  # A first call, left out of the timing and the trace.
+    seconds, state = common.median_chained_seconds(call, state, calls)
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         for _ in range(calls):
             state = call(state)
     rows = op_table(_read_events(trace_dir), kinds, calls)
     return dict(
-        wall_ms_per_call=1e3 * statistics.median(times),
+        wall_ms_per_call=1e3 * seconds,
         op_ms_per_call=sum(row["ms_per_call"] for row in rows),
         matmul_ms_per_call=sum(
             row["ms_per_call"] for row in rows if row["op"].endswith("dot_general")
@@ -122,14 +119,14 @@ def profile(function, params, state, trace_dir, calls, feeds_back=False):
 
 
 def decode(size, trace_dir, calls):
-    """Profile of `decode_text` at batch `size.batch` after a prompt of `size.prompt_len`."""
+    """Profile `decode_text` at batch `size.batch` after a prompt of `size.prompt_len`."""
     model_config, params = sampler_bench.random_model(size)
     step, state = sampler_bench.decode_step(model_config, params, size, 2 * calls + 1)
     return profile(step, params, state, os.path.join(trace_dir, "decode"), calls, feeds_back=True)
 
 
 def ode_evaluation(size, trace_dir, calls):
-    """Profiles of one pixel velocity evaluation with the cached prefix and of pixels alone."""
+    """Profile a pixel velocity evaluation with the cached prefix, and one over pixels alone."""
     model_config, params = sampler_bench.random_model(size)
     model = RFModel(model_config)
     batch = size.batch

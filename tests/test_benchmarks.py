@@ -215,7 +215,7 @@ def test_file_as_output_dir_is_rejected(tmp_path):
     assert "is a file; name a directory" in result.stderr
 
 
-def test_op_table_sums_the_named_ops_per_call():
+def test_op_table_sums_ops_per_call():
     kinds = {"exp.2": "attn/exp", "dot.3": "q_proj/dot_general"}
     events = [
         dict(ph="X", name="exp.2", ts=10, dur=30),
