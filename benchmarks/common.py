@@ -175,7 +175,7 @@ def median_chained_seconds(call, state, repeats):
     """Return (median wall seconds, last state) of `repeats` calls of `state = call(state)`.
 
     Each call takes the state the previous one returned, as a decode step
-    takes the previous step's cache; `call` must block on its result.
+    takes the previous step's cache. `call` must block on its result.
     """
     times = []
     for _ in range(repeats):
